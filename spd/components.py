@@ -1,0 +1,108 @@
+"""Rank-1 subcomponents of one weight matrix.
+
+Everything is stored in "x @ W" orientation: a decomposed module computes `out = x @ W_io + bias` with
+W_io of shape (d_in, d_out). Subcomponent c is the rank-1 matrix `V[:, c] ⊗ U[c, :]` (V reads, U writes),
+so `W_io ≈ V @ U`. The masked forward is `((x @ V) * mask) @ U + bias`; no per-example weight is built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D (GPT-2): weight (d_in, d_out), out = x @ weight + bias.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+SUPPORTED = "nn.Linear, nn.Embedding, transformers' Conv1D"
+
+
+def module_kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if _is_hf_conv1d(module):
+        return "conv1d"
+    return None
+
+
+def target_weight_io(module: nn.Module) -> Float[Tensor, "d_in d_out"]:
+    """The target module's weight in x @ W orientation (a view; no copy)."""
+    kind = module_kind(module)
+    if kind == "linear":
+        return module.weight.T
+    if kind in ("conv1d", "embedding"):
+        return module.weight
+    raise TypeError(f"unsupported module type {type(module).__name__}; supported: {SUPPORTED}")
+
+
+class Components(nn.Module):
+    """V (d_in, C) and U (C, d_out) for one target module, plus the target's frozen bias."""
+
+    def __init__(self, target_module: nn.Module, C: int) -> None:
+        super().__init__()
+        kind = module_kind(target_module)
+        if kind is None:
+            raise TypeError(f"unsupported module type {type(target_module).__name__}; supported: {SUPPORTED}")
+        self.kind = kind
+        self.C = C
+        w = target_weight_io(target_module)
+        self.d_in, self.d_out = w.shape
+        # Kaiming-style init as in the reference code; the faithfulness warm-up then fits V @ U to W.
+        self.V = nn.Parameter(torch.randn(self.d_in, C, dtype=w.dtype) / math.sqrt(self.d_in))
+        self.U = nn.Parameter(torch.randn(C, self.d_out, dtype=w.dtype) / math.sqrt(C))
+        # Reference the target's tensors without registering them (they belong to the target).
+        self._target = [target_module]
+
+    @property
+    def target_module(self) -> nn.Module:
+        return self._target[0]
+
+    @property
+    def bias(self) -> Tensor | None:
+        return None if self.kind == "embedding" else self.target_module.bias
+
+    def target_weight(self) -> Float[Tensor, "d_in d_out"]:
+        return target_weight_io(self.target_module)
+
+    def weight(self) -> Float[Tensor, "d_in d_out"]:
+        """Sum of all subcomponents, in x @ W orientation."""
+        return self.V @ self.U
+
+    def delta(self) -> Float[Tensor, "d_in d_out"]:
+        """Delta component: target weight minus the sum of subcomponents (differentiable in V, U)."""
+        return self.target_weight() - self.V @ self.U
+
+    def subcomponent(self, c: int) -> Float[Tensor, "d_in d_out"]:
+        return torch.outer(self.V[:, c], self.U[c])
+
+    def inner(self, x: Tensor) -> Float[Tensor, "... C"]:
+        """Inner activations h = x @ V (for an embedding: the rows of V picked by the token ids)."""
+        if self.kind == "embedding":
+            return self.V[x]
+        return x @ self.V
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Float[Tensor, "... C"] | None = None,
+        delta_mask: Float[Tensor, "..."] | None = None,
+        inner: Float[Tensor, "... C"] | None = None,
+    ) -> Float[Tensor, "... d_out"]:
+        h = self.inner(x) if inner is None else inner
+        if mask is not None:
+            h = h * mask
+        out = h @ self.U
+        if delta_mask is not None:
+            d = self.delta()
+            d_out = d[x] if self.kind == "embedding" else x @ d
+            out = out + delta_mask[..., None] * d_out
+        b = self.bias
+        return out if b is None else out + b
+

@@ -1,0 +1,116 @@
+"""The run configuration: frozen pydantic models, loaded from YAML, every error naming its field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from spd.base_config import BaseConfig, ConfigError, apply_overrides, read_yaml, validate
+from spd.ci import CIConfig
+from spd.losses import LossConfig, OutputLoss
+from spd.model import ModuleSpec
+from spd.sigmoids import SigmoidType
+
+
+class TargetConfig(BaseConfig):
+    """Where the target comes from: `factory` is "python.module:function", called with `kwargs`.
+
+    The factory returns a spd.task.Task (the target module, a batch sampler and optional ground truth).
+    """
+
+    factory: str
+    kwargs: dict[str, Any] = {}
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_form(cls, v: str) -> str:
+        mod, _, attr = v.partition(":")
+        if not mod or not attr:
+            raise ValueError("must look like 'package.module:function', e.g. 'toy_models.tms:tms_task'")
+        return v
+
+
+class DecompositionConfig(BaseConfig):
+    modules: list[ModuleSpec] = Field(min_length=1)
+    ci_fn: CIConfig = CIConfig()
+    sigmoid: SigmoidType = "leaky_hard"
+    delta_component: bool = True
+
+
+class LRConfig(BaseConfig):
+    peak: float = Field(1e-3, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_frac: float = Field(0.0, ge=0, lt=1)
+    final_frac: float = Field(0.0, ge=0, le=1)
+
+
+class WarmupConfig(BaseConfig):
+    """Faithfulness warm-up: steps of AdamW on V and U alone, minimising the faithfulness loss."""
+
+    steps: int = Field(200, ge=0)
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+
+
+class TrainConfig(BaseConfig):
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: LRConfig = LRConfig()
+    faithfulness_warmup: WarmupConfig = WarmupConfig()
+    grad_clip: float | None = Field(None, gt=0)
+    bf16: bool = False
+    compile: bool = Field(False, description="torch.compile the CI function (first step pays a compile)")
+    log_every: int = Field(100, gt=0)
+    checkpoint_every: int = Field(1000, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default)")
+
+
+class EvalConfig(BaseConfig):
+    batch_size: int = Field(4096, gt=0)
+    n_batches: int = Field(4, gt=0)
+    ci_threshold: float = Field(0.1, ge=0, le=1)
+
+
+class WandbConfig(BaseConfig):
+    project: str = "spd"
+    mode: Literal["online", "offline", "disabled"] = "offline"
+
+
+class Config(BaseConfig):
+    seed: int = 0
+    target: TargetConfig
+    decomposition: DecompositionConfig
+    losses: list[LossConfig] = Field(min_length=1)
+    output_loss: OutputLoss = "mse"
+    train: TrainConfig
+    eval: EvalConfig = EvalConfig()
+    wandb: WandbConfig | None = None
+
+    @model_validator(mode="after")
+    def _needs_reconstruction(self) -> Config:
+        names = {loss.name for loss in self.losses}
+        if not names & {"stochastic_recon", "ci_masked_recon"}:
+            raise ValueError("losses must include a reconstruction loss (stochastic_recon or ci_masked_recon)")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Load and validate a config from a YAML path or a dict, after applying `--set` overrides."""
+    if isinstance(source, dict):
+        data, where = source, "dict"
+    else:
+        data, where = read_yaml(source), str(source)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        where += " with overrides " + " ".join(overrides)
+    return validate(Config, data, where)
+
+
+__all__ = ["Config", "ConfigError", "load_config"]

@@ -1,0 +1,173 @@
+"""Ground truth as data, and permutation-invariant scores of a decomposition against it.
+
+A toy model describes what a correct decomposition looks like (which rank-1 pieces exist, which CI
+pattern one-hot probes should produce, how many subcomponents should be alive); `score` measures a
+ComponentModel against that description and says which acceptance criteria pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+TOL = 0.1
+
+
+@dataclass(frozen=True)
+class FeatureDirections:
+    """Ground-truth rank-1 pieces of one module: feature f owns row/column f of the target weight.
+
+    axis "in": feature f is input dimension f (the piece is W[:, f] e_f^T in nn.Linear orientation);
+    axis "out": feature f is output dimension f (the piece is e_f W[f, :]).
+    """
+
+    module: str
+    axis: Literal["in", "out"]
+    features: list[int]  # the features the target actually represents
+
+
+@dataclass(frozen=True)
+class IdentityCI:
+    """Each probe (one per feature) makes exactly one subcomponent important, a different one each."""
+
+    probes: list[int]  # which rows of GroundTruth.probe_inputs to use
+
+
+@dataclass(frozen=True)
+class DenseCI:
+    """Exactly k subcomponents are important on every probe; all others on none."""
+
+    k: int
+
+
+@dataclass(frozen=True)
+class Criteria:
+    mmcs_min: float = 0.999
+    ml2r_range: tuple[float, float] = (0.97, 1.03)
+    ci_error_max: int = 0
+
+
+@dataclass
+class GroundTruth:
+    probe_inputs: Tensor
+    directions: list[FeatureDirections] = field(default_factory=list)
+    ci_patterns: dict[str, IdentityCI | DenseCI] = field(default_factory=dict)
+    expected_alive: dict[str, int] = field(default_factory=dict)
+    criteria: Criteria = field(default_factory=Criteria)
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. n_features, n_represented
+
+
+# ---- pure scoring functions --------------------------------------------------------------------------
+def mmcs_ml2r(
+    V: Float[Tensor, "d_in C"], U: Float[Tensor, "C d_out"], W: Float[Tensor, "d_in d_out"],
+    axis: Literal["in", "out"], features: list[int],
+) -> tuple[float, float]:  # fmt: skip
+    """Mean max cosine similarity and mean L2 ratio between subcomponents and ground-truth pieces.
+
+    All matrices in x @ W orientation (W = V @ U). For feature f on axis "in", subcomponent c's piece is
+    V[f, c] U[c, :] and the ground truth is W[f, :]; on axis "out" they are U[c, f] V[:, c] and W[:, f].
+    """
+    if not features:
+        return float("nan"), float("nan")
+    if axis == "in":
+        pieces = V[features, :, None] * U[None]  # (F, C, d_out)
+        gt = W[features]  # (F, d_out)
+    else:
+        pieces = U.T[features, :, None] * V.T[None]  # (F, C, d_in)
+        gt = W[:, features].T  # (F, d_in)
+    cos = torch.nn.functional.cosine_similarity(pieces, gt[:, None, :], dim=-1, eps=1e-12)  # (F, C)
+    best = cos.argmax(-1)
+    norms = pieces[torch.arange(len(features)), best].norm(dim=-1) / gt.norm(dim=-1).clamp_min(1e-12)
+    return cos.max(-1).values.mean().item(), norms.mean().item()
+
+
+def permute_to_diagonal(ci: Float[Tensor, "n C"]) -> Float[Tensor, "n C"]:
+    """Reorder columns so that the first n (n <= C) maximise the diagonal (Hungarian), rest after."""
+    n, C = ci.shape
+    if n > C:
+        raise ValueError(f"identity pattern needs at least as many subcomponents ({C}) as probes ({n})")
+    rows, cols = linear_sum_assignment(-ci.detach().cpu().numpy())
+    order = np.concatenate([cols[np.argsort(rows)], np.setdiff1d(np.arange(C), cols)])
+    return ci[:, torch.as_tensor(order)]
+
+
+def identity_ci_error(ci: Float[Tensor, "n C"], tol: float = TOL) -> int:
+    """#(diagonal < 1 - tol) + #(off-diagonal > tol) after the best column permutation."""
+    p = permute_to_diagonal(ci)
+    n = p.shape[0]
+    diag = p[torch.arange(n), torch.arange(n)]
+    off = p.clone()
+    off[torch.arange(n), torch.arange(n)] = 0.0
+    return int((diag < 1 - tol).sum()) + int((off > tol).sum())
+
+
+def dense_ci_error(ci: Float[Tensor, "n C"], k: int, tol: float = TOL) -> int:
+    """Columns sorted by CI mass: #(entries < 1 - tol in the first k) + #(entries > tol in the rest)."""
+    order = ci.sum(0).argsort(descending=True)
+    p = ci[:, order]
+    return int((p[:, :k] < 1 - tol).sum()) + int((p[:, k:] > tol).sum())
+
+
+def alive_counts(ci_batches: list[dict[str, Tensor]], threshold: float) -> dict[str, int]:
+    """Subcomponents whose CI exceeds `threshold` on at least one input, per module."""
+    alive: dict[str, Tensor] = {}
+    for ci in ci_batches:
+        for n, g in ci.items():
+            hit = (g.flatten(0, -2) > threshold).any(0)
+            alive[n] = hit if n not in alive else alive[n] | hit
+    return {n: int(v.sum()) for n, v in alive.items()}
+
+
+# ---- scoring a model ---------------------------------------------------------------------------------
+def score(
+    model: Any,
+    gt: GroundTruth,
+    data_ci: list[dict[str, Tensor]],
+    threshold: float = TOL,
+) -> dict[str, Any]:
+    """Score a ComponentModel against ground truth. `data_ci`: lower CIs on batches of the data.
+
+    Returns flat metrics plus `passed` (bool) and `failures` (what missed which criterion).
+    """
+    out: dict[str, Any] = dict(gt.info)
+    failures: list[str] = []
+    crit = gt.criteria
+    for d in gt.directions:
+        c = model.comp(d.module)
+        with torch.no_grad():
+            mm, ml = mmcs_ml2r(c.V, c.U, c.target_weight(), d.axis, d.features)
+        out[f"mmcs/{d.module}"], out[f"ml2r/{d.module}"] = mm, ml
+        if not mm >= crit.mmcs_min:
+            failures.append(f"mmcs/{d.module} = {mm:.4f} < {crit.mmcs_min}")
+        lo, hi = crit.ml2r_range
+        if not lo <= ml <= hi:
+            failures.append(f"ml2r/{d.module} = {ml:.4f} outside [{lo}, {hi}]")
+    if gt.ci_patterns:
+        probe_ci = model.causal_importances(gt.probe_inputs).lower
+        for name, pattern in gt.ci_patterns.items():
+            ci = probe_ci[name].flatten(0, -2)
+            err: Callable[[float], int]
+            if isinstance(pattern, IdentityCI):
+                rows = ci[pattern.probes]
+                err, label = (lambda t, rows=rows: identity_ci_error(rows, t)), "identity_ci_error"
+            else:
+                err, label = (lambda t, ci=ci, k=pattern.k: dense_ci_error(ci, k, t)), "dense_ci_error"
+            e1, e2 = err(TOL), err(0.2)
+            out[f"{label}/{name}"], out[f"{label}_0p2/{name}"] = e1, e2
+            if e1 > crit.ci_error_max:
+                failures.append(f"{label}/{name} = {e1} > {crit.ci_error_max} (tolerance {TOL})")
+    alive = alive_counts(data_ci, threshold)
+    for name, expected in gt.expected_alive.items():
+        out[f"alive/{name}"] = alive[name]
+        if alive[name] != expected:
+            failures.append(f"alive/{name} = {alive[name]}, expected exactly {expected}")
+    out["passed"] = not failures
+    out["failures"] = failures
+    return out

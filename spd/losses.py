@@ -1,0 +1,288 @@
+"""Losses: one pure function and one config class each, dispatched through the LOSSES registry.
+
+Adding a loss means editing this file only: write the function, its config class (with a `name`
+Literal) and add both to LOSSES and LossConfig.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from pydantic import Field
+from torch import Tensor
+
+from spd.base_config import BaseConfig
+from spd.masks import Routing, Sampling, delta_masks, stochastic_masks, subset_routes
+from spd.model import CausalImportances, ComponentModel
+
+OutputLoss = Literal["mse", "kl"]
+
+
+# ---- output divergences ------------------------------------------------------------------------------
+def mse(pred: Float[Tensor, "... d"], target: Float[Tensor, "... d"]) -> Tensor:
+    """Mean over batch (and positions) and output dimensions."""
+    return F.mse_loss(pred, target)
+
+
+def kl(pred_logits: Float[Tensor, "... vocab"], target_logits: Float[Tensor, "... vocab"]) -> Tensor:
+    """KL(softmax(target) || softmax(pred)), summed over the vocabulary, averaged over positions."""
+    logp = pred_logits.log_softmax(-1).flatten(0, -2)
+    logq = target_logits.log_softmax(-1).flatten(0, -2)
+    return F.kl_div(logp, logq, log_target=True, reduction="batchmean")
+
+
+DIVERGENCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": mse, "kl": kl}
+
+
+# ---- pure loss functions -----------------------------------------------------------------------------
+def faithfulness_loss(model: ComponentModel) -> Tensor:
+    """sum_l ||W_l - V_l U_l||_F^2 / (number of decomposed weights)."""
+    total, n = 0.0, 0
+    for name in model.module_names:
+        d = model.comp(name).delta()
+        total = total + d.pow(2).sum()
+        n += d.numel()
+    return total / n  # type: ignore[return-value]
+
+
+def faithfulness_per_module(model: ComponentModel) -> dict[str, tuple[float, float]]:
+    """{module: (mean squared error, relative error ||W - VU||_F / ||W||_F)}."""
+    out = {}
+    with torch.no_grad():
+        for name in model.module_names:
+            c = model.comp(name)
+            d, w = c.delta(), c.target_weight()
+            out[name] = (d.pow(2).mean().item(), (d.norm() / w.norm().clamp_min(1e-30)).item())
+    return out
+
+
+def importance_minimality_loss(
+    ci_upper: dict[str, Float[Tensor, "... C"]], p: float, beta: float = 0.0, eps: float = 1e-12
+) -> Tensor:
+    """sum over modules and subcomponents of mean_batch (g + eps)^p, plus the frequency term.
+
+    With beta > 0 each subcomponent's term is multiplied by (1 + beta log2(1 + S_c)), where
+    S_c = sum_batch (g + eps)^p: frequently important subcomponents cost more per use.
+    """
+    total: Tensor = torch.zeros(())
+    for g in ci_upper.values():
+        gp = (g + eps).pow(p).flatten(0, -2)
+        m = gp.mean(0)
+        layer = m.sum()
+        if beta > 0:
+            layer = layer + beta * (m * torch.log2(1 + gp.sum(0))).sum()
+        total = total + layer
+    return total
+
+
+def annealed_p(p: float, p_final: float | None, start_frac: float, end_frac: float, frac: float) -> float:
+    """Linear anneal of the Lp exponent from p to p_final between start_frac and end_frac of training."""
+    if p_final is None or frac <= start_frac:
+        return p
+    if frac >= end_frac:
+        return p_final
+    return p + (p_final - p) * (frac - start_frac) / (end_frac - start_frac)
+
+
+def masked_recon_loss(
+    model: ComponentModel,
+    x: Any,
+    target_out: Tensor,
+    masks: dict[str, Tensor],
+    routing: Routing,
+    divergence: Callable[[Tensor, Tensor], Tensor],
+    delta_masks_: dict[str, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Divergence of the masked model's output from the target's, routed through `routing`.
+
+    all: every module at once; layerwise: the mean over modules of one-module-at-a-time passes;
+    subset: per position a uniformly random k-subset of modules (k ~ U{1..L}).
+    """
+    if routing == "all":
+        return divergence(model(x, masks, delta_masks_), target_out)
+    if routing == "layerwise":
+        losses = [
+            divergence(
+                model(x, {n: masks[n]}, None if delta_masks_ is None else {n: delta_masks_[n]}), target_out
+            )
+            for n in masks
+        ]
+        return torch.stack(losses).mean()
+    if routing == "subset":
+        any_mask = next(iter(masks.values()))
+        routes = subset_routes(list(masks), any_mask.shape[:-1], generator, any_mask.device)
+        return divergence(model(x, masks, delta_masks_, routes), target_out)
+    raise ValueError(f"unknown routing {routing!r}; valid: all, layerwise, subset")
+
+
+def stochastic_recon_loss(
+    model: ComponentModel,
+    x: Any,
+    target_out: Tensor,
+    ci_lower: dict[str, Tensor],
+    routing: Routing,
+    divergence: Callable[[Tensor, Tensor], Tensor],
+    n_mask_samples: int = 1,
+    sampling: Sampling = "continuous",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Mean over mask samples of the masked-reconstruction loss with masks g + (1-g) r."""
+    total: Tensor = torch.zeros(())
+    for _ in range(n_mask_samples):
+        masks = stochastic_masks(ci_lower, sampling, generator)
+        dm = delta_masks(ci_lower, generator) if model.delta_component else None
+        total = total + masked_recon_loss(model, x, target_out, masks, routing, divergence, dm, generator)
+    return total / n_mask_samples
+
+
+def hidden_acts_recon_loss(
+    model: ComponentModel,
+    x: Any,
+    clean_acts: dict[str, Tensor],
+    ci_lower: dict[str, Tensor],
+    sampling: Sampling = "continuous",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """MSE between decomposed modules' inputs under an all-module stochastic pass and in the clean pass."""
+    masks = stochastic_masks(ci_lower, sampling, generator)
+    dm = delta_masks(ci_lower, generator) if model.delta_component else None
+    seen: dict[str, Tensor] = {}
+
+    def grab(name: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def wrapped(inp: Tensor) -> Tensor:
+            seen[name] = inp
+            return fn(inp)
+
+        return wrapped
+
+    comps = {n: model.comp(n) for n in model.module_names}
+    fns = {n: grab(n, lambda inp, n=n: comps[n](inp, masks[n], None if dm is None else dm[n])) for n in comps}
+    with model._patched(fns):
+        model._call_target(x)
+    sq = sum((seen[n] - clean_acts[n]).pow(2).sum() for n in seen if seen[n].is_floating_point())
+    count = sum(clean_acts[n].numel() for n in seen if seen[n].is_floating_point())
+    return sq / max(count, 1)  # type: ignore[return-value]
+
+
+# ---- configs and registry ----------------------------------------------------------------------------
+class _LossBase(BaseConfig):
+    coeff: float = Field(ge=0.0)
+
+
+class FaithfulnessConfig(_LossBase):
+    name: Literal["faithfulness"]
+
+
+class ImportanceMinimalityConfig(_LossBase):
+    name: Literal["importance_minimality"]
+    p: float = Field(1.0, gt=0.0)
+    p_final: float | None = Field(None, gt=0.0)
+    p_anneal_start: float = Field(0.0, ge=0.0, le=1.0)
+    p_anneal_end: float = Field(1.0, ge=0.0, le=1.0)
+    beta: float = Field(0.0, ge=0.0)
+    eps: float = Field(1e-12, ge=0.0)
+
+
+class StochasticReconConfig(_LossBase):
+    name: Literal["stochastic_recon"]
+    routing: Routing = "all"
+    n_mask_samples: int = Field(1, ge=1)
+    sampling: Sampling = "continuous"
+
+
+class CIMaskedReconConfig(_LossBase):
+    name: Literal["ci_masked_recon"]
+    routing: Routing = "all"
+
+
+class HiddenActsReconConfig(_LossBase):
+    name: Literal["hidden_acts_recon"]
+    sampling: Sampling = "continuous"
+
+
+LossConfig = Annotated[
+    FaithfulnessConfig
+    | ImportanceMinimalityConfig
+    | StochasticReconConfig
+    | CIMaskedReconConfig
+    | HiddenActsReconConfig,
+    Field(discriminator="name"),
+]
+
+
+@dataclass
+class StepContext:
+    """What one training step has computed once and every loss may read."""
+
+    model: ComponentModel
+    x: Any
+    target_out: Tensor
+    acts: dict[str, Tensor]
+    ci: CausalImportances
+    divergence: Callable[[Tensor, Tensor], Tensor]
+    generator: torch.Generator | None
+    frac: float  # step / total steps
+
+
+def _faith(ctx: StepContext, cfg: FaithfulnessConfig) -> Tensor:
+    return faithfulness_loss(ctx.model)
+
+
+def _imp(ctx: StepContext, cfg: ImportanceMinimalityConfig) -> Tensor:
+    p = annealed_p(cfg.p, cfg.p_final, cfg.p_anneal_start, cfg.p_anneal_end, ctx.frac)
+    return importance_minimality_loss(ctx.ci.upper, p, cfg.beta, cfg.eps)
+
+
+def _stoch(ctx: StepContext, cfg: StochasticReconConfig) -> Tensor:
+    return stochastic_recon_loss(
+        ctx.model, ctx.x, ctx.target_out, ctx.ci.lower, cfg.routing, ctx.divergence,
+        cfg.n_mask_samples, cfg.sampling, ctx.generator,
+    )  # fmt: skip
+
+
+def _ci_masked(ctx: StepContext, cfg: CIMaskedReconConfig) -> Tensor:
+    return masked_recon_loss(
+        ctx.model, ctx.x, ctx.target_out, ctx.ci.lower, cfg.routing, ctx.divergence, None, ctx.generator
+    )
+
+
+def _hidden(ctx: StepContext, cfg: HiddenActsReconConfig) -> Tensor:
+    return hidden_acts_recon_loss(ctx.model, ctx.x, ctx.acts, ctx.ci.lower, cfg.sampling, ctx.generator)
+
+
+LOSSES: dict[str, Callable[[StepContext, Any], Tensor]] = {
+    "faithfulness": _faith,
+    "importance_minimality": _imp,
+    "stochastic_recon": _stoch,
+    "ci_masked_recon": _ci_masked,
+    "hidden_acts_recon": _hidden,
+}
+
+
+def loss_label(cfg: BaseConfig) -> str:
+    """A short unique-ish label for logging, e.g. 'stochastic_recon/layerwise'."""
+    name: str = cfg.name  # type: ignore[attr-defined]
+    routing = getattr(cfg, "routing", None)
+    return f"{name}/{routing}" if routing is not None and routing != "all" else name
+
+
+def total_loss(ctx: StepContext, cfgs: list[Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted sum of the configured losses and a {label: detached value} dict of the unweighted terms."""
+    total: Tensor = torch.zeros(())
+    terms: dict[str, Tensor] = {}
+    for cfg in cfgs:
+        value = LOSSES[cfg.name](ctx, cfg)
+        label = loss_label(cfg)
+        while label in terms:
+            label += "'"
+        terms[label] = value
+        total = total + cfg.coeff * value
+    return total, {k: v.detach() for k, v in terms.items()} | {"total": total.detach()}
+
+

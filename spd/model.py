@@ -1,0 +1,201 @@
+"""ComponentModel: a frozen target plus rank-1 subcomponents and CI functions for chosen weight matrices.
+
+The target is never modified. During a masked forward, each decomposed module's `forward` is shadowed by an
+instance attribute inside a context manager and restored in `finally`, so the target runs its own code
+everywhere else (and the original matmul is not computed for replaced modules).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from pydantic import Field
+from torch import Tensor, nn
+
+from spd.base_config import BaseConfig
+from spd.ci import CIConfig, _key, build_ci_function
+from spd.components import SUPPORTED, Components, module_kind
+from spd.sigmoids import SIGMOIDS, SigmoidType
+
+
+class ModuleSpec(BaseConfig):
+    """Decompose every module whose name matches the glob `pattern` into C rank-1 subcomponents."""
+
+    pattern: str = Field(min_length=1)
+    C: int = Field(gt=0)
+
+
+@dataclass(frozen=True)
+class CausalImportances:
+    lower: dict[str, Tensor]  # masks, L0, evaluation
+    upper: dict[str, Tensor]  # importance-minimality penalty
+
+
+def match_modules(target: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
+    """Resolve glob patterns over `named_modules()` to {module name: C}; clear errors for bad patterns."""
+    names = [n for n, _ in target.named_modules() if n]
+    modules = dict(target.named_modules())
+    out: dict[str, int] = {}
+    for spec in specs:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, spec.pattern)]
+        if not hits:
+            sample = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+            raise ValueError(f"module pattern {spec.pattern!r} matches no module of the target; its modules are: {sample}")
+        for n in hits:
+            if module_kind(modules[n]) is None:
+                raise ValueError(
+                    f"module pattern {spec.pattern!r} matches {n!r}, a {type(modules[n]).__name__}, which cannot "
+                    f"be decomposed (supported: {SUPPORTED}); narrow the pattern"
+                )
+            if n in out:
+                raise ValueError(f"module {n!r} is matched by more than one pattern (second: {spec.pattern!r})")
+            out[n] = spec.C
+    return out
+
+
+def output_tensor(out: Any) -> Tensor:
+    """The tensor a model's output divergence is measured on (HF outputs: .logits; tuples: first item)."""
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, tuple | list):
+        return out[0]
+    raise TypeError(f"cannot find an output tensor in a {type(out).__name__}")
+
+
+class ComponentModel(nn.Module):
+    def __init__(
+        self,
+        target: nn.Module,
+        modules: list[ModuleSpec],
+        ci_fn: CIConfig,
+        sigmoid: SigmoidType = "leaky_hard",
+        delta_component: bool = True,
+    ) -> None:
+        super().__init__()
+        target.requires_grad_(False)
+        target.eval()
+        self.target = target
+        self.Cs = match_modules(target, modules)
+        self.module_names = list(self.Cs)
+        named = dict(target.named_modules())
+        self._target_modules = {n: named[n] for n in self.module_names}
+        self.components = nn.ModuleDict({_key(n): Components(named[n], C) for n, C in self.Cs.items()})
+        specs = {n: (self.Cs[n], self.comp(n).d_in, self.comp(n).kind) for n in self.module_names}
+        self.ci_fn = build_ci_function(specs, ci_fn)
+        self.lower_sigmoid, self.upper_sigmoid = SIGMOIDS[sigmoid]
+        self.delta_component = delta_component
+
+    # ---- access -------------------------------------------------------------------------------------
+    def comp(self, name: str) -> Components:
+        return self.components[_key(name)]  # type: ignore[return-value]
+
+    def decomposition_parameters(self) -> Iterator[nn.Parameter]:
+        for c in self.components.values():
+            yield from c.parameters()
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Components and CI function only (the target is stored separately)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("target.")}
+
+    def subcomponent_weight(self, name: str, c: int) -> Float[Tensor, "d_out d_in"]:
+        """Subcomponent c of module `name` as a (d_out, d_in) matrix (nn.Linear orientation)."""
+        return self.comp(name).subcomponent(c).T
+
+    # ---- patching -----------------------------------------------------------------------------------
+    @contextmanager
+    def _patched(self, fns: dict[str, Callable[..., Tensor]]) -> Iterator[None]:
+        patched: list[nn.Module] = []
+        try:
+            for name, fn in fns.items():
+                m = self._target_modules[name]
+                object.__setattr__(m, "forward", fn)
+                patched.append(m)
+            yield
+        finally:
+            for m in patched:
+                object.__delattr__(m, "forward")
+
+    def _call_target(self, x: Any) -> Any:
+        return self.target(**x) if isinstance(x, dict) else self.target(x)
+
+    # ---- forward passes -----------------------------------------------------------------------------
+    def forward_with_cache(self, x: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clean target pass; returns the output tensor and the input of every decomposed module."""
+        cache: dict[str, Tensor] = {}
+
+        def recorder(name: str, orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
+            def fn(inp: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+                cache[name] = inp
+                return orig(inp, *args, **kwargs)
+
+            return fn
+
+        with self._patched({n: recorder(n, m.forward) for n, m in self._target_modules.items()}):
+            out = self._call_target(x)
+        return output_tensor(out), cache
+
+    def forward(
+        self,
+        x: Any,
+        masks: dict[str, Tensor] | None = None,
+        delta_masks: dict[str, Tensor] | None = None,
+        routes: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Run the target with the modules in `masks` replaced by their masked subcomponents.
+
+        masks: module -> (..., C) mask on the inner activations; modules absent from `masks` keep the
+            target's weights (so `{one module: mask}` is a layerwise pass, `None` the plain target).
+        delta_masks: module -> (...) scale of the delta component (absent: no delta term).
+        routes: module -> (...) bool; where False the position keeps the target's output for that module.
+        """
+        if not masks:
+            return output_tensor(self._call_target(x))
+        delta_masks = delta_masks or {}
+        routes = routes or {}
+
+        def replacer(name: str) -> Callable[..., Tensor]:
+            comp, orig = self.comp(name), self._target_modules[name].forward
+
+            def fn(inp: Tensor) -> Tensor:
+                out = comp(inp, masks[name], delta_masks.get(name))
+                route = routes.get(name)
+                if route is not None:
+                    out = torch.where(route[..., None], out, orig(inp))
+                return out
+
+            return fn
+
+        with self._patched({n: replacer(n) for n in masks}):
+            return output_tensor(self._call_target(x))
+
+    # ---- causal importances -------------------------------------------------------------------------
+    def ci_from_acts(self, acts: dict[str, Tensor]) -> CausalImportances:
+        inner = {n: self.comp(n).inner(acts[n]) for n in self.module_names}
+        z = self.ci_fn(acts, inner)
+        return CausalImportances(
+            lower={n: self.lower_sigmoid(v) for n, v in z.items()},
+            upper={n: self.upper_sigmoid(v) for n, v in z.items()},
+        )
+
+    @torch.no_grad()
+    def causal_importances(self, x: Any) -> CausalImportances:
+        """CIs for a batch (no gradients): lower (for masks) and upper (for the penalty), per module."""
+        _, acts = self.forward_with_cache(x)
+        return self.ci_from_acts(acts)
+
+    # ---- mask helpers for notebooks -----------------------------------------------------------------
+    def masks_like(self, ci: dict[str, Tensor], value: float) -> dict[str, Tensor]:
+        return {n: torch.full_like(v, value) for n, v in ci.items()}
+
+    def alive_subcomponents(self, x: Any, threshold: float = 0.1) -> dict[str, Tensor]:
+        """Indices of subcomponents whose lower CI exceeds `threshold` on at least one input of the batch."""
+        ci = self.causal_importances(x).lower
+        return {n: (v.flatten(0, -2) > threshold).any(0).nonzero().flatten() for n, v in ci.items()}

@@ -1,0 +1,109 @@
+"""High-level entry points: decompose a target from a config, resume a run, load a finished run."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spd import io
+from spd.base_config import ConfigError
+from spd.config import Config, load_config
+from spd.evals import evaluate
+from spd.log import MetricsLog, truncate_after
+from spd.model import ComponentModel
+from spd.task import Task, build_task
+from spd.train import train
+
+
+@dataclass
+class Run:
+    """A decomposition with everything needed to use it: config, target task and ComponentModel."""
+
+    config: Config
+    task: Task
+    model: ComponentModel
+    path: Path | None = None
+
+    def evaluate(self) -> dict[str, Any]:
+        c = self.config
+        return evaluate(self.model, self.task.sample_batch, c.eval, c.output_loss, c.seed, self.task.ground_truth)
+
+
+def build_model(cfg: Config, task: Task) -> ComponentModel:
+    torch.manual_seed(cfg.seed)  # component and CI-function initialisation
+    d = cfg.decomposition
+    return ComponentModel(task.target, list(d.modules), d.ci_fn, d.sigmoid, d.delta_component)
+
+
+def _finish(run: Run, log: MetricsLog | None, seconds: float) -> dict[str, Any]:
+    results = run.evaluate() | {"train_seconds": seconds} | {f"target/{k}": v for k, v in run.task.info.items()}
+    if run.path is not None:
+        io.save_tensors(run.path / io.MODEL, run.model.trainable_state_dict())
+        io.write_json(run.path / io.EVAL, results)
+    if log is not None:
+        log(run.config.train.steps, {f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)})
+        log.close()
+    return results
+
+
+def decompose(cfg: Config, run_dir: str | Path | None = None, progress: bool = True) -> tuple[Run, dict[str, Any]]:
+    """Build the target, decompose it and evaluate. With `run_dir`, everything is saved there."""
+    path = Path(run_dir) if run_dir is not None else None
+    if path is not None:
+        io.prepare_run_dir(path)
+        (path / io.CONFIG).write_text(cfg.to_yaml())
+    task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed)
+    if path is not None:
+        io.save_tensors(path / io.TARGET, task.target.state_dict())
+    model = build_model(cfg, task)
+    log = MetricsLog(path / io.METRICS if path else None, cfg.wandb, path.name if path else "", cfg.model_dump())
+    t0 = time.perf_counter()
+    train(model, task.sample_batch, cfg, path, log, resume=False, progress=progress)
+    run = Run(cfg, task, model, path)
+    return run, _finish(run, log, time.perf_counter() - t0)
+
+
+def _load_parts(path: Path) -> tuple[Config, Task, ComponentModel]:
+    if not (path / io.CONFIG).is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a run directory (no {io.CONFIG})")
+    cfg = load_config(path / io.CONFIG)
+    task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed, io.load_tensors(path / io.TARGET))
+    return cfg, task, build_model(cfg, task)
+
+
+def resume(run_dir: str | Path, progress: bool = True) -> tuple[Run, dict[str, Any]]:
+    """Continue a run from its last checkpoint, on the same trajectory as an uninterrupted run."""
+    path = Path(run_dir)
+    cfg, task, model = _load_parts(path)
+    ckpt = io.latest_checkpoint(path)
+    if ckpt is None:
+        raise ConfigError(f"run {str(path)!r} has no checkpoint to resume from; start it again with `spd train`")
+    truncate_after(path / io.METRICS, int(ckpt.name.split("_")[1]))
+    log = MetricsLog(path / io.METRICS, cfg.wandb, path.name, cfg.model_dump())
+    t0 = time.perf_counter()
+    train(model, task.sample_batch, cfg, path, log, resume=True, progress=progress)
+    run = Run(cfg, task, model, path)
+    return run, _finish(run, log, time.perf_counter() - t0)
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Load a finished run (or its last checkpoint if it has no final model) without network or pickle."""
+    path = Path(run_dir)
+    cfg, task, model = _load_parts(path)
+    if (path / io.MODEL).is_file():
+        state = io.load_tensors(path / io.MODEL)
+    else:
+        ckpt = io.latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"run {str(path)!r} has neither {io.MODEL} nor a checkpoint")
+        tensors = io.load_tensors(ckpt / "state.safetensors")
+        state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("target.")]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit its config (missing {missing}, unexpected {unexpected})")
+    return Run(cfg, task, model, path)

@@ -1,0 +1,123 @@
+"""The SPD training loop: faithfulness warm-up, then AdamW on components and CI function together."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from spd import io
+from spd.config import Config, LRConfig, WarmupConfig
+from spd.losses import DIVERGENCES, StepContext, faithfulness_loss, total_loss
+from spd.model import ComponentModel
+from spd.task import BatchSampler
+
+MASK_SEED_OFFSET = 7919
+
+
+def lr_at(step: int, steps: int, cfg: LRConfig) -> float:
+    """Linear warm-up from 0 over warmup_frac of the steps, then constant / linear / cosine to final_frac."""
+    warmup = int(steps * cfg.warmup_frac)
+    if step < warmup:
+        return cfg.peak * (step + 1) / warmup
+    progress = (step - warmup) / max(steps - warmup - 1, 1)
+    f = cfg.final_frac
+    if cfg.schedule == "constant":
+        mult = 1.0
+    elif cfg.schedule == "linear":
+        mult = 1.0 - (1.0 - f) * progress
+    else:
+        mult = f + (1.0 - f) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.peak * mult
+
+
+def faithfulness_warmup(model: ComponentModel, cfg: WarmupConfig) -> float:
+    """AdamW on V and U alone, minimising the faithfulness loss; returns the final loss."""
+    if cfg.steps == 0:
+        return float(faithfulness_loss(model).detach())
+    opt = torch.optim.AdamW(list(model.decomposition_parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for _ in range(cfg.steps):
+        loss = faithfulness_loss(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return float(faithfulness_loss(model).detach())
+
+
+def build_optimizer(model: ComponentModel, cfg: Config) -> torch.optim.Optimizer:
+    params = [p for n, p in model.named_parameters() if not n.startswith("target.")]
+    return torch.optim.AdamW(params, lr=cfg.train.lr.peak, weight_decay=0.0, foreach=True)
+
+
+def train_step(
+    model: ComponentModel, x: Any, cfg: Config, gen: torch.Generator, frac: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward of all configured losses; returns (total, terms, lower CIs)."""
+    with torch.no_grad():
+        target_out, acts = model.forward_with_cache(x)
+    ci = model.ci_from_acts(acts)
+    ctx = StepContext(model, x, target_out, acts, ci, DIVERGENCES[cfg.output_loss], gen, frac)
+    loss, terms = total_loss(ctx, list(cfg.losses))
+    return loss, terms, ci.lower
+
+
+def train(
+    model: ComponentModel,
+    sample_batch: BatchSampler,
+    cfg: Config,
+    run_dir: Path | None = None,
+    log: Any = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> ComponentModel:
+    """Decompose: train `model`'s components and CI function on batches from `sample_batch`.
+
+    With `run_dir`, checkpoints are written every `train.checkpoint_every` steps; with `resume`, training
+    continues from the last of them (optimizer and RNG state included), along the same trajectory.
+    """
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    mask_gen = torch.Generator().manual_seed(cfg.seed + MASK_SEED_OFFSET)
+    gens = {"data": data_gen, "mask": mask_gen}
+    opt = build_optimizer(model, cfg)
+    start = 0
+    ckpt = io.latest_checkpoint(run_dir) if (resume and run_dir is not None) else None
+    if ckpt is not None:
+        start = io.load_checkpoint(ckpt, model, opt, gens) + 1
+    else:
+        warm = faithfulness_warmup(model, tc.faithfulness_warmup)
+        if log is not None:
+            log(0, {"warmup/faithfulness": warm})
+    if tc.compile:
+        model.ci_fn.compile(dynamic=False)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.bf16 else nullcontext()
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not progress, ncols=100, mininterval=1.0)
+    for step in bar:
+        lr = lr_at(step, tc.steps, tc.lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = sample_batch(tc.batch_size, data_gen)
+        with autocast:
+            loss, terms, ci_lower = train_step(model, x, cfg, mask_gen, step / tc.steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip)
+        opt.step()
+        last = step == tc.steps - 1
+        if step % tc.log_every == 0 or last:
+            row = {f"loss/{k}": float(v) for k, v in terms.items()} | {"lr": lr}
+            row |= {f"train_ci_l0/{n}": float((g > cfg.eval.ci_threshold).sum(-1).float().mean()) for n, g in ci_lower.items()}
+            bar.set_postfix({k.split("/", 1)[1][:14]: f"{v:.3g}" for k, v in row.items() if k.startswith("loss/")})
+            if log is not None:
+                log(step, row)
+        if run_dir is not None and ((step + 1) % tc.checkpoint_every == 0 or last):
+            io.save_checkpoint(run_dir, step, model.trainable_state_dict(), opt, gens, tc.keep_checkpoints)
+    bar.close()
+    return model

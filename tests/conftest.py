@@ -1,0 +1,43 @@
+"""Shared fixtures. jaxtyping's import hook checks the shape annotations of spd/ at run time in tests."""
+
+from jaxtyping import install_import_hook
+
+with install_import_hook(["spd"], "beartype.beartype"):
+    import spd.ci  # noqa: F401
+    import spd.components  # noqa: F401
+    import spd.ground_truth  # noqa: F401
+    import spd.losses  # noqa: F401
+    import spd.masks  # noqa: F401
+    import spd.model  # noqa: F401
+    import spd.sigmoids  # noqa: F401
+
+import pytest
+import torch
+from torch import nn
+
+from spd.ci import CIConfig
+from spd.model import ComponentModel, ModuleSpec
+
+
+class TwoLayer(nn.Module):
+    """x -> fc1 (3 -> 4) -> ReLU -> fc2 (4 -> 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.fc2 = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.fixture
+def two_layer() -> TwoLayer:
+    torch.manual_seed(0)
+    return TwoLayer()
+
+
+@pytest.fixture
+def cm(two_layer: TwoLayer) -> ComponentModel:
+    torch.manual_seed(1)
+    return ComponentModel(two_layer, [ModuleSpec(pattern="fc*", C=5)], CIConfig(type="mlp", hidden=[4]))

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from spd.ground_truth import alive_counts, dense_ci_error, identity_ci_error, mmcs_ml2r
+
+
+def test_identity_ci_error_is_permutation_invariant():
+    ci = torch.zeros(3, 6)
+    ci[0, 4], ci[1, 0], ci[2, 2] = 1.0, 0.95, 1.0
+    assert identity_ci_error(ci) == 0
+    ci[0, 1] = 0.3  # one off-diagonal entry above tolerance
+    assert identity_ci_error(ci) == 1
+    ci[1, 0] = 0.85  # a diagonal entry below 1 - tol
+    assert identity_ci_error(ci) == 2
+    assert identity_ci_error(ci, tol=0.35) == 0
+
+
+def test_dense_ci_error():
+    ci = torch.zeros(4, 5)
+    ci[:, 1] = 1.0
+    ci[:, 3] = 0.95
+    assert dense_ci_error(ci, k=2) == 0
+    ci[2, 3] = 0.5  # an always-important subcomponent is not important on one probe
+    ci[0, 0] = 0.2  # a should-be-dead one fires
+    assert dense_ci_error(ci, k=2) == 2
+
+
+def test_mmcs_ml2r_exact_and_scaled():
+    torch.manual_seed(0)
+    W = torch.randn(5, 2)  # x @ W orientation: 5 features in, 2 hidden out
+    # one subcomponent per feature: V = e_f, U = W[f]; plus extra zero subcomponents
+    V = torch.zeros(5, 8)
+    U = torch.zeros(8, 2)
+    V[torch.arange(5), torch.arange(5)] = 1.0
+    U[:5] = W
+    mm, ml = mmcs_ml2r(V, U, W, "in", list(range(5)))
+    assert mm == pytest.approx(1.0) and ml == pytest.approx(1.0)
+    mm, ml = mmcs_ml2r(V, U * 0.5, W, "in", list(range(5)))
+    assert mm == pytest.approx(1.0) and ml == pytest.approx(0.5)
+    # axis "out": the transposed problem (W^T, U^T, V^T) gives the same numbers
+    mm2, ml2 = mmcs_ml2r(U.T, V.T, W.T, "out", list(range(5)))
+    assert mm2 == pytest.approx(1.0) and ml2 == pytest.approx(1.0)
+    # a single subcomponent equal to all of W is not per-feature
+    mm3, _ = mmcs_ml2r(torch.ones(5, 1), W.sum(0, keepdim=True), W, "in", list(range(5)))
+    assert mm3 < 0.9
+
+
+def test_alive_counts():
+    a = {"m": torch.tensor([[0.0, 0.5, 0.05], [0.0, 0.0, 0.2]])}
+    b = {"m": torch.tensor([[0.11, 0.0, 0.0]])}
+    assert alive_counts([a], 0.1) == {"m": 2}
+    assert alive_counts([a, b], 0.1) == {"m": 3}

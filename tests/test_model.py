@@ -1,0 +1,62 @@
+import pytest
+import torch
+from torch import nn
+
+from spd.ci import CIConfig
+from spd.model import ComponentModel, ModuleSpec
+
+
+def test_pattern_errors(two_layer):
+    with pytest.raises(ValueError, match="'nope' matches no module.*fc1"):
+        ComponentModel(two_layer, [ModuleSpec(pattern="nope", C=3)], CIConfig())
+    seq = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    with pytest.raises(ValueError, match="'1', a LayerNorm, which cannot be decomposed"):
+        ComponentModel(seq, [ModuleSpec(pattern="*", C=3)], CIConfig())
+    with pytest.raises(ValueError, match="more than one pattern"):
+        ComponentModel(two_layer, [ModuleSpec(pattern="fc*", C=3), ModuleSpec(pattern="fc1", C=2)], CIConfig())
+
+
+def test_target_frozen_and_untouched(cm, two_layer):
+    assert not any(p.requires_grad for p in two_layer.parameters())
+    names = {n for n, _ in cm.named_parameters()}
+    assert names and not any(n.startswith("target.") and cm.get_parameter(n).requires_grad for n in names)
+    assert "forward" not in vars(two_layer.fc1)
+
+
+def test_all_ones_masks_with_delta_reproduce_target_exactly(cm, two_layer):
+    x = torch.randn(32, 3)
+    ones = {n: torch.ones(32, 5) for n in cm.module_names}
+    dm = {n: torch.ones(32) for n in cm.module_names}
+    assert torch.allclose(cm(x, ones, dm), two_layer(x), atol=1e-6)
+    assert not torch.allclose(cm(x, ones), two_layer(x), atol=1e-3)  # random init without delta differs
+
+
+def test_forward_restores_target_even_after_an_error(cm, two_layer):
+    with pytest.raises(RuntimeError):
+        cm(torch.randn(4, 3), {"fc1": torch.ones(4, 99)})  # wrong mask width
+    assert "forward" not in vars(two_layer.fc1) and "forward" not in vars(two_layer.fc2)
+    x = torch.randn(4, 3)
+    assert torch.equal(cm(x), two_layer(x))
+
+
+def test_cache_and_routes(cm, two_layer):
+    x = torch.randn(6, 3)
+    out, acts = cm.forward_with_cache(x)
+    assert torch.equal(acts["fc1"], x)
+    assert torch.allclose(acts["fc2"], torch.relu(two_layer.fc1(x)))
+    assert torch.allclose(out, two_layer(x))
+    zeros = {n: torch.zeros(6, 5) for n in cm.module_names}
+    route = torch.tensor([True, False, True, False, True, False])
+    routed = cm(x, zeros, routes={"fc1": route, "fc2": route})
+    ablated = cm(x, zeros)
+    assert torch.allclose(routed[~route], out[~route]) and torch.allclose(routed[route], ablated[route])
+
+
+def test_causal_importances_and_alive(cm):
+    ci = cm.causal_importances(torch.randn(10, 3))
+    assert set(ci.lower) == {"fc1", "fc2"} and ci.lower["fc1"].shape == (10, 5)
+    assert all(((v >= 0) & (v <= 1)).all() for v in ci.lower.values())
+    alive = cm.alive_subcomponents(torch.randn(10, 3), threshold=0.0)
+    assert set(alive) == {"fc1", "fc2"}
+    w = cm.subcomponent_weight("fc1", 2)
+    assert w.shape == (4, 3) and torch.linalg.matrix_rank(w) == 1
