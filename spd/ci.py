@@ -69,7 +69,7 @@ class VectorMLP(nn.Module):
     def __init__(self, C: int, d_in: int, hidden: list[int]) -> None:
         super().__init__()
         dims = [d_in, *hidden]
-        self.ws = nn.ParameterList([_init((C, a, b), a, HIDDEN_GAIN) for a, b in zip(dims[:-1], dims[1:])])
+        self.ws = nn.ParameterList([_init((C, a, b), a, HIDDEN_GAIN) for a, b in zip(dims[:-1], dims[1:], strict=True)])
         self.bs = nn.ParameterList([nn.Parameter(torch.zeros(C, b)) for b in dims[1:]])
         self.w_out = _init((C, dims[-1]), dims[-1], 1.0)
         self.b_out = nn.Parameter(torch.zeros(C))
@@ -85,7 +85,7 @@ class VectorMLP(nn.Module):
 def _mlp(d_in: int, hidden: list[int], d_out: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     dims = [d_in, *hidden]
-    for a, b in zip(dims[:-1], dims[1:]):
+    for a, b in zip(dims[:-1], dims[1:], strict=True):
         layers += [nn.Linear(a, b), nn.GELU()]
     layers.append(nn.Linear(dims[-1], d_out))
     for m in layers:

@@ -20,7 +20,15 @@ Example (TMS 5-2 on the CPU, about a minute):
   spd train configs/tms_5-2.yaml --out runs/tms && spd eval runs/tms
 """
 
-SUMMARY_KEYS = ("mmcs/", "ml2r/", "identity_ci_error/", "dense_ci_error/", "alive/", "n_represented", "n_features")
+SUMMARY_KEYS = (
+    "mmcs/",
+    "ml2r/",
+    "identity_ci_error/",
+    "dense_ci_error/",
+    "alive/",
+    "n_represented",
+    "n_features",
+)
 
 
 def _print_summary(results: dict[str, Any], path: Path | None) -> None:
@@ -30,12 +38,20 @@ def _print_summary(results: dict[str, Any], path: Path | None) -> None:
         print(f"run directory: {path}")
     if "train_seconds" in results:
         print(f"training wall time: {results['train_seconds']:.1f} s")
-    print("faithfulness (relative Frobenius error) per matrix: " + ", ".join(
-        f"{k.split('/', 1)[1]} {v:.2e}" for k, v in results.items() if k.startswith("faithfulness_rel/")))
-    print("CI-L0 per matrix: " + ", ".join(
-        f"{k.split('/', 1)[1]} {v:.2f}" for k, v in results.items() if k.startswith("ci_l0/") and "total" not in k))
-    print(f"recon MSE: stochastic {results['recon/stochastic_all']:.3g}, CI-masked {results['recon/ci']:.3g}, "
-          f"unmasked {results['recon/ones']:.3g}, zero-ablated {results['recon/zeros']:.3g}")
+    print(
+        "faithfulness (relative Frobenius error) per matrix: "
+        + ", ".join(f"{k.split('/', 1)[1]} {v:.2e}" for k, v in results.items() if k.startswith("faithfulness_rel/"))
+    )
+    print(
+        "CI-L0 per matrix: "
+        + ", ".join(
+            f"{k.split('/', 1)[1]} {v:.2f}" for k, v in results.items() if k.startswith("ci_l0/") and "total" not in k
+        )
+    )
+    print(
+        f"recon MSE: stochastic {results['recon/stochastic_all']:.3g}, CI-masked {results['recon/ci']:.3g}, "
+        f"unmasked {results['recon/ones']:.3g}, zero-ablated {results['recon/zeros']:.3g}"
+    )
     if gt:
         print("ground truth:")
         for k, v in gt.items():
@@ -87,13 +103,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="spd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="decompose the target named in a YAML config")
     t.add_argument("config", help="YAML run config, e.g. configs/tms_5-2.yaml")
     t.add_argument("--out", help="run directory to create (default: runs/<config>-<timestamp>); never overwritten")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.steps=2000 --set losses.0.coeff=2")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.steps=2000 --set losses.0.coeff=2",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)
     r = sub.add_parser("resume", help="continue a run from its last checkpoint")

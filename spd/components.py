@@ -106,3 +106,36 @@ class Components(nn.Module):
         b = self.bias
         return out if b is None else out + b
 
+
+class TransposedComponents(Components):
+    """Components tied to another module's: V = source.U^T, U = source.V^T (shared storage, no own params).
+
+    For tied target weights such as TMS's W and W^T: subcomponent c of this module is the transpose of
+    subcomponent c of the source module.
+    """
+
+    def __init__(self, target_module: nn.Module, source: Components) -> None:
+        nn.Module.__init__(self)
+        kind = module_kind(target_module)
+        if kind == "embedding" or source.kind == "embedding":
+            raise TypeError("embeddings cannot be tied transposed")
+        if kind is None:
+            raise TypeError(f"unsupported module type {type(target_module).__name__}; supported: {SUPPORTED}")
+        w = target_weight_io(target_module)
+        if tuple(w.shape) != (source.d_out, source.d_in):
+            raise ValueError(
+                f"cannot tie: weight shape (d_in, d_out) = {tuple(w.shape)} is not the transpose of the "
+                f"source's {(source.d_in, source.d_out)}"
+            )
+        self.kind, self.C = kind, source.C
+        self.d_in, self.d_out = w.shape
+        self._target = [target_module]
+        self._source = [source]
+
+    @property
+    def V(self) -> Tensor:  # type: ignore[override]
+        return self._source[0].U.T
+
+    @property
+    def U(self) -> Tensor:  # type: ignore[override]
+        return self._source[0].V.T

@@ -38,6 +38,10 @@ class DecompositionConfig(BaseConfig):
     ci_fn: CIConfig = CIConfig()
     sigmoid: SigmoidType = "leaky_hard"
     delta_component: bool = True
+    tied: list[tuple[str, str]] = Field(
+        default=[],
+        description="pairs (a, b): b's subcomponents are the transposes of a's (tied weights, e.g. TMS)",
+    )
 
 
 class LRConfig(BaseConfig):

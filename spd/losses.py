@@ -108,9 +108,7 @@ def masked_recon_loss(
         return divergence(model(x, masks, delta_masks_), target_out)
     if routing == "layerwise":
         losses = [
-            divergence(
-                model(x, {n: masks[n]}, None if delta_masks_ is None else {n: delta_masks_[n]}), target_out
-            )
+            divergence(model(x, {n: masks[n]}, None if delta_masks_ is None else {n: delta_masks_[n]}), target_out)
             for n in masks
         ]
         return torch.stack(losses).mean()
@@ -284,5 +282,3 @@ def total_loss(ctx: StepContext, cfgs: list[Any]) -> tuple[Tensor, dict[str, Ten
         terms[label] = value
         total = total + cfg.coeff * value
     return total, {k: v.detach() for k, v in terms.items()} | {"total": total.detach()}
-
-

@@ -35,13 +35,14 @@ def stochastic_masks(
 
 def delta_masks(ci: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Delta-component masks ~ U(0, 1), one per example (and position); always continuous."""
-    return {
-        n: torch.rand(g.shape[:-1], generator=generator, dtype=g.dtype, device=g.device) for n, g in ci.items()
-    }
+    return {n: torch.rand(g.shape[:-1], generator=generator, dtype=g.dtype, device=g.device) for n, g in ci.items()}
 
 
 def subset_routes(
-    names: list[str], batch_shape: torch.Size, generator: torch.Generator | None = None, device: str | torch.device = "cpu"
+    names: list[str],
+    batch_shape: torch.Size,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Bool[Tensor, "..."]]:
     """Uniform k-subset routing: per position draw k ~ U{1..L}, then route a uniformly random k-subset."""
     L = len(names)
@@ -78,9 +79,7 @@ def make_masks(
     raise ValueError(f"unknown mask kind {kind!r}; valid: ci, rounded, ones, zeros, random, stochastic")
 
 
-def subset_masks(
-    ci: dict[str, Tensor], keep: dict[str, list[int]], default: float = 1.0
-) -> dict[str, Tensor]:
+def subset_masks(ci: dict[str, Tensor], keep: dict[str, list[int]], default: float = 1.0) -> dict[str, Tensor]:
     """Masks that keep only the listed subcomponents of each listed module (1) and ablate the rest (0).
 
     Modules not in `keep` get `default` everywhere (1.0: untouched).

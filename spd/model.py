@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from spd.base_config import BaseConfig
 from spd.ci import CIConfig, _key, build_ci_function
-from spd.components import SUPPORTED, Components, module_kind
+from spd.components import SUPPORTED, Components, TransposedComponents, module_kind
 from spd.sigmoids import SIGMOIDS, SigmoidType
 
 
@@ -46,7 +46,9 @@ def match_modules(target: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
         hits = [n for n in names if fnmatch.fnmatchcase(n, spec.pattern)]
         if not hits:
             sample = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
-            raise ValueError(f"module pattern {spec.pattern!r} matches no module of the target; its modules are: {sample}")
+            raise ValueError(
+                f"module pattern {spec.pattern!r} matches no module of the target; its modules are: {sample}"
+            )
         for n in hits:
             if module_kind(modules[n]) is None:
                 raise ValueError(
@@ -78,6 +80,7 @@ class ComponentModel(nn.Module):
         ci_fn: CIConfig,
         sigmoid: SigmoidType = "leaky_hard",
         delta_component: bool = True,
+        tied: list[tuple[str, str]] | None = None,
     ) -> None:
         super().__init__()
         target.requires_grad_(False)
@@ -87,7 +90,21 @@ class ComponentModel(nn.Module):
         self.module_names = list(self.Cs)
         named = dict(target.named_modules())
         self._target_modules = {n: named[n] for n in self.module_names}
-        self.components = nn.ModuleDict({_key(n): Components(named[n], C) for n, C in self.Cs.items()})
+        self.tied = {b: a for a, b in (tied or [])}
+        comps: dict[str, Components] = {}
+        for n, C in self.Cs.items():
+            if n not in self.tied:
+                comps[n] = Components(named[n], C)
+        for b, a in self.tied.items():
+            for name in (a, b):
+                if name not in self.Cs:
+                    raise ValueError(f"decomposition.tied names {name!r}, which is not a decomposed module")
+            if a in self.tied or a == b:
+                raise ValueError(f"decomposition.tied: {a!r} is tied to another module; ties must not chain")
+            if self.Cs[a] != self.Cs[b]:
+                raise ValueError(f"decomposition.tied: {a!r} and {b!r} must have the same C")
+            comps[b] = TransposedComponents(named[b], comps[a])
+        self.components = nn.ModuleDict({_key(n): comps[n] for n in self.Cs})
         specs = {n: (self.Cs[n], self.comp(n).d_in, self.comp(n).kind) for n in self.module_names}
         self.ci_fn = build_ci_function(specs, ci_fn)
         self.lower_sigmoid, self.upper_sigmoid = SIGMOIDS[sigmoid]

@@ -36,7 +36,7 @@ class Run:
 def build_model(cfg: Config, task: Task) -> ComponentModel:
     torch.manual_seed(cfg.seed)  # component and CI-function initialisation
     d = cfg.decomposition
-    return ComponentModel(task.target, list(d.modules), d.ci_fn, d.sigmoid, d.delta_component)
+    return ComponentModel(task.target, list(d.modules), d.ci_fn, d.sigmoid, d.delta_component, list(d.tied))
 
 
 def _finish(run: Run, log: MetricsLog | None, seconds: float) -> dict[str, Any]:

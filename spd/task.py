@@ -43,9 +43,7 @@ def resolve_factory(spec: str) -> Callable[..., Task]:
     return fn  # type: ignore[no-any-return]
 
 
-def build_task(
-    factory: str, kwargs: dict[str, Any], seed: int, target_state: dict[str, Tensor] | None = None
-) -> Task:
+def build_task(factory: str, kwargs: dict[str, Any], seed: int, target_state: dict[str, Tensor] | None = None) -> Task:
     fn = resolve_factory(factory)
     task = fn(**{"seed": seed, **kwargs}, target_state=target_state)
     if not isinstance(task, Task):

@@ -48,6 +48,17 @@ def faithfulness_warmup(model: ComponentModel, cfg: WarmupConfig) -> float:
     return float(faithfulness_loss(model).detach())
 
 
+def compile_ci_function(model: ComponentModel) -> None:
+    """torch.compile each CI network in place (fuses the elementwise MLP over batch x C x hidden).
+
+    Per-module networks are compiled one by one: smaller graphs compile faster and ran faster here
+    (TMS 5-2 step: 12.5 ms vs 13.7 ms for one graph over all modules, 21 ms eager, 2-core CPU).
+    """
+    nets = getattr(model.ci_fn, "nets", None)
+    for net in nets.values() if nets is not None else [model.ci_fn]:
+        net.compile(dynamic=False)
+
+
 def build_optimizer(model: ComponentModel, cfg: Config) -> torch.optim.Optimizer:
     params = [p for n, p in model.named_parameters() if not n.startswith("target.")]
     return torch.optim.AdamW(params, lr=cfg.train.lr.peak, weight_decay=0.0, foreach=True)
@@ -95,9 +106,16 @@ def train(
         if log is not None:
             log(0, {"warmup/faithfulness": warm})
     if tc.compile:
-        model.ci_fn.compile(dynamic=False)
+        compile_ci_function(model)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.bf16 else nullcontext()
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not progress, ncols=100, mininterval=1.0)
+    bar = tqdm(
+        range(start, tc.steps),
+        initial=start,
+        total=tc.steps,
+        disable=not progress,
+        ncols=100,
+        mininterval=1.0,
+    )
     for step in bar:
         lr = lr_at(step, tc.steps, tc.lr)
         for group in opt.param_groups:
@@ -113,7 +131,10 @@ def train(
         last = step == tc.steps - 1
         if step % tc.log_every == 0 or last:
             row = {f"loss/{k}": float(v) for k, v in terms.items()} | {"lr": lr}
-            row |= {f"train_ci_l0/{n}": float((g > cfg.eval.ci_threshold).sum(-1).float().mean()) for n, g in ci_lower.items()}
+            row |= {
+                f"train_ci_l0/{n}": float((g > cfg.eval.ci_threshold).sum(-1).float().mean())
+                for n, g in ci_lower.items()
+            }
             bar.set_postfix({k.split("/", 1)[1][:14]: f"{v:.3g}" for k, v in row.items() if k.startswith("loss/")})
             if log is not None:
                 log(step, row)

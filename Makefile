@@ -1,0 +1,35 @@
+# Every target creates/refreshes .venv itself; torch is installed first so that the CPU wheel is used.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench lint figures clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q "torch>=2.4"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+## Decompose TMS 5-2 on the CPU and print how well the ground truth was recovered (a new run dir each time).
+demo: $(STAMP)
+	$(BIN)/spd train configs/tms_5-2.yaml
+
+## The default test suite (offline, CPU).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## Full-length recovery runs (5 seeds of TMS 5-2 and 5-2+ID on the paper-level schedule).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_tms.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

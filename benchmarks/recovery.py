@@ -1,0 +1,58 @@
+"""Ground-truth recovery over seeds: decompose a toy config once per seed and count the runs that pass.
+
+    python benchmarks/recovery.py configs/tms_5-2.yaml --seeds 0 1 2 3 4 [--set train.steps=4000 ...]
+
+Prints one line per seed and a JSON summary (also written with --json-out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from spd.config import load_config
+from spd.run import decompose
+
+KEYS = ("mmcs/", "ml2r/", "identity_ci_error/", "dense_ci_error/", "alive/")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--json-out", type=Path)
+    args = p.parse_args()
+    rows = []
+    for seed in args.seeds:
+        cfg = load_config(args.config, [*args.set, f"seed={seed}"])
+        t0 = time.perf_counter()
+        _, res = decompose(cfg, None, progress=False)
+        wall = time.perf_counter() - t0
+        gt = {k[3:]: v for k, v in res.items() if k.startswith("gt/")}
+        row = {
+            "seed": seed,
+            "passed": gt["passed"],
+            "wall_s": round(wall, 1),
+            "train_s": round(res["train_seconds"], 1),
+        }
+        row |= {k: (round(v, 4) if isinstance(v, float) else v) for k, v in gt.items() if k.startswith(KEYS)}
+        row["failures"] = gt["failures"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    summary = {
+        "config": args.config,
+        "overrides": args.set,
+        "passed": sum(r["passed"] for r in rows),
+        "of": len(rows),
+        "runs": rows,
+    }
+    print(f"passed {summary['passed']} of {summary['of']}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

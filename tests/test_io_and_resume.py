@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+from helpers import tiny_tms_config
+
+from spd import io
+from spd.config import load_config
+from spd.run import decompose, load_run, resume
+
+
+def _params(model):
+    return {k: v.clone() for k, v in model.trainable_state_dict().items()}
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(tiny_tms_config())
+    run, results = decompose(cfg, tmp_path / "run", progress=False)
+    for name in (io.CONFIG, io.TARGET, io.MODEL, io.METRICS, io.EVAL):
+        assert (tmp_path / "run" / name).is_file(), name
+    loaded = load_run(tmp_path / "run")
+    x = torch.rand(16, 5)
+    ci_a, ci_b = run.model.causal_importances(x), loaded.model.causal_importances(x)
+    assert all(torch.equal(ci_a.lower[n], ci_b.lower[n]) for n in ci_a.lower)
+    masks = {n: torch.rand(16, 20) for n in run.model.module_names}
+    assert torch.equal(run.model(x, masks), loaded.model(x, masks))
+    assert torch.equal(loaded.task.target.linear1.weight, run.task.target.linear1.weight)
+    # the saved eval is what a fresh evaluation of the loaded run gives
+    saved = json.loads((tmp_path / "run" / io.EVAL).read_text())
+    fresh = loaded.evaluate()
+    assert saved["recon/ci"] == pytest.approx(fresh["recon/ci"])
+    assert saved["gt/mmcs/linear1"] == pytest.approx(fresh["gt/mmcs/linear1"])
+
+
+def test_existing_run_dir_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    with pytest.raises(io.RunDirError, match="already holds files; nothing was overwritten"):
+        decompose(load_config(tiny_tms_config()), out, progress=False)
+    assert (out / "precious.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+    cfg = load_config(tiny_tms_config())
+    full, _ = decompose(cfg, tmp_path / "full", progress=False)
+
+    # Crash at step 17 (after the checkpoint at step 9, before the one at step 19).
+    import spd.train as train_mod
+
+    real_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 18:
+            raise Crash("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", crashing_step)
+    with pytest.raises(Crash):
+        decompose(cfg, tmp_path / "crashed", progress=False)
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    assert io.latest_checkpoint(tmp_path / "crashed").name == "step_0000009"
+    assert not (tmp_path / "crashed" / io.MODEL).exists()
+
+    resumed, _ = resume(tmp_path / "crashed", progress=False)
+    a, b = _params(full.model), _params(resumed.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [row["step"] for row in map(json.loads, (tmp_path / "crashed" / io.METRICS).read_text().splitlines())]
+    assert steps == sorted(steps)  # rows logged after the checkpoint by the crashed run were dropped
+
+
+def test_checkpoints_are_pruned(tmp_path):
+    cfg = load_config(tiny_tms_config(keep_checkpoints=2))
+    decompose(cfg, tmp_path / "run", progress=False)
+    names = sorted(p.name for p in (tmp_path / "run" / io.CKPTS).iterdir())
+    assert names == ["step_0000019", "step_0000029"]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    from spd.base_config import ConfigError
+
+    cfg = load_config(tiny_tms_config())
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / io.CONFIG).write_text(cfg.to_yaml())
+    from spd.task import build_task
+
+    task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed)
+    io.save_tensors(tmp_path / "r" / io.TARGET, task.target.state_dict())
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        resume(tmp_path / "r", progress=False)
