@@ -151,18 +151,7 @@ def hidden_acts_recon_loss(
     masks = stochastic_masks(ci_lower, sampling, generator)
     dm = delta_masks(ci_lower, generator) if model.delta_component else None
     seen: dict[str, Tensor] = {}
-
-    def grab(name: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        def wrapped(inp: Tensor) -> Tensor:
-            seen[name] = inp
-            return fn(inp)
-
-        return wrapped
-
-    comps = {n: model.comp(n) for n in model.module_names}
-    fns = {n: grab(n, lambda inp, n=n: comps[n](inp, masks[n], None if dm is None else dm[n])) for n in comps}
-    with model._patched(fns):
-        model._call_target(x)
+    model(x, masks, dm, cache=seen)
     sq = sum((seen[n] - clean_acts[n]).pow(2).sum() for n in seen if seen[n].is_floating_point())
     count = sum(clean_acts[n].numel() for n in seen if seen[n].is_floating_point())
     return sq / max(count, 1)  # type: ignore[return-value]

@@ -147,17 +147,7 @@ class ComponentModel(nn.Module):
     def forward_with_cache(self, x: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Clean target pass; returns the output tensor and the input of every decomposed module."""
         cache: dict[str, Tensor] = {}
-
-        def recorder(name: str, orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
-            def fn(inp: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-                cache[name] = inp
-                return orig(inp, *args, **kwargs)
-
-            return fn
-
-        with self._patched({n: recorder(n, m.forward) for n, m in self._target_modules.items()}):
-            out = self._call_target(x)
-        return output_tensor(out), cache
+        return self(x, cache=cache), cache
 
     def forward(
         self,
@@ -165,6 +155,7 @@ class ComponentModel(nn.Module):
         masks: dict[str, Tensor] | None = None,
         delta_masks: dict[str, Tensor] | None = None,
         routes: dict[str, Tensor] | None = None,
+        cache: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """Run the target with the modules in `masks` replaced by their masked subcomponents.
 
@@ -172,17 +163,23 @@ class ComponentModel(nn.Module):
             target's weights (so `{one module: mask}` is a layerwise pass, `None` the plain target).
         delta_masks: module -> (...) scale of the delta component (absent: no delta term).
         routes: module -> (...) bool; where False the position keeps the target's output for that module.
+        cache: if given, filled with the input of every decomposed module during this pass.
         """
-        if not masks:
-            return output_tensor(self._call_target(x))
+        masks = masks or {}
         delta_masks = delta_masks or {}
         routes = routes or {}
 
-        def replacer(name: str) -> Callable[..., Tensor]:
-            comp, orig = self.comp(name), self._target_modules[name].forward
+        def wrapped(name: str) -> Callable[..., Tensor]:
+            orig = self._target_modules[name].forward
+            comp = self.comp(name)
+            mask = masks.get(name)
 
-            def fn(inp: Tensor) -> Tensor:
-                out = comp(inp, masks[name], delta_masks.get(name))
+            def fn(inp: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+                if cache is not None:
+                    cache[name] = inp
+                if mask is None:
+                    return orig(inp, *args, **kwargs)
+                out = comp(inp, mask, delta_masks.get(name))
                 route = routes.get(name)
                 if route is not None:
                     out = torch.where(route[..., None], out, orig(inp))
@@ -190,7 +187,8 @@ class ComponentModel(nn.Module):
 
             return fn
 
-        with self._patched({n: replacer(n) for n in masks}):
+        names = self.module_names if cache is not None else list(masks)
+        with self._patched({n: wrapped(n) for n in names}):
             return output_tensor(self._call_target(x))
 
     # ---- causal importances -------------------------------------------------------------------------
