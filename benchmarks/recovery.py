@@ -15,7 +15,7 @@ from pathlib import Path
 from spd.config import load_config
 from spd.run import decompose
 
-KEYS = ("mmcs/", "ml2r/", "identity_ci_error/", "dense_ci_error/", "alive/")
+KEYS = ("mmcs/", "ml2r/", "identity_ci_error/", "dense_ci_error/", "dense_ci_entries_below/", "dense_sum_rel", "alive/")
 
 
 def main() -> None:
@@ -24,12 +24,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--json-out", type=Path)
+    p.add_argument("--runs-dir", type=Path, help="keep each seed's run directory here (re-score with `spd eval`)")
     args = p.parse_args()
     rows = []
     for seed in args.seeds:
         cfg = load_config(args.config, [*args.set, f"seed={seed}"])
         t0 = time.perf_counter()
-        _, res = decompose(cfg, None, progress=False)
+        run_dir = args.runs_dir / f"{Path(args.config).stem}-seed{seed}" if args.runs_dir else None
+        _, res = decompose(cfg, run_dir, progress=False)
         wall = time.perf_counter() - t0
         gt = {k[3:]: v for k, v in res.items() if k.startswith("gt/")}
         row = {

@@ -71,6 +71,18 @@ class TrainConfig(BaseConfig):
     checkpoint_every: int = Field(1000, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default)")
+    device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        import torch
+
+        try:
+            dev = torch.device(v)
+        except RuntimeError:
+            raise ValueError("must be a torch device string such as 'cpu', 'cuda' or 'cuda:0'") from None
+        return str(dev)
 
 
 class EvalConfig(BaseConfig):

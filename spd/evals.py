@@ -11,7 +11,7 @@ from spd.ground_truth import GroundTruth, alive_counts, score
 from spd.losses import DIVERGENCES, faithfulness_per_module, masked_recon_loss
 from spd.masks import delta_masks, make_masks
 from spd.model import ComponentModel
-from spd.task import BatchSampler
+from spd.task import BatchSampler, to_device
 
 EVAL_SEED_OFFSET = 1_000_003  # eval batches use their own generator, so evals never disturb training RNG
 
@@ -31,21 +31,23 @@ def evaluate(
     ground_truth: GroundTruth | None = None,
 ) -> dict[str, Any]:
     """Faithfulness, CI-L0, alive counts, reconstruction under every mask kind, and ground-truth scores."""
-    gen = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)  # data (CPU)
+    mask_gen = torch.Generator(device=device).manual_seed(seed + EVAL_SEED_OFFSET)
     div = DIVERGENCES[output_loss]
     sums: dict[str, float] = {}
     data_ci = []
     for _ in range(cfg.n_batches):
-        x = sample_batch(cfg.batch_size, gen)
+        x = to_device(sample_batch(cfg.batch_size, gen), device)
         target_out, acts = model.forward_with_cache(x)
         ci = model.ci_from_acts(acts).lower
         data_ci.append(ci)
         row: dict[str, float] = {}
         for kind in ("ci", "rounded", "ones", "zeros", "random"):
-            masks = make_masks(ci, kind, threshold=cfg.ci_threshold, generator=gen)
+            masks = make_masks(ci, kind, threshold=cfg.ci_threshold, generator=mask_gen)
             row[f"recon/{kind}"] = masked_recon_loss(model, x, target_out, masks, "all", div).item()
-        stoch = make_masks(ci, "stochastic", generator=gen)
-        dm = delta_masks(ci, gen) if model.delta_component else None
+        stoch = make_masks(ci, "stochastic", generator=mask_gen)
+        dm = delta_masks(ci, mask_gen) if model.delta_component else None
         for routing in ("all", "layerwise"):
             row[f"recon/stochastic_{routing}"] = masked_recon_loss(model, x, target_out, stoch, routing, div, dm).item()
         row["recon/target_vs_zero_output"] = div(torch.zeros_like(target_out), target_out).item()

@@ -73,7 +73,7 @@ def make_masks(
     if kind == "zeros":
         return {n: torch.zeros_like(g) for n, g in ci.items()}
     if kind == "random":
-        return {n: torch.rand(g.shape, generator=generator, dtype=g.dtype) for n, g in ci.items()}
+        return {n: torch.rand(g.shape, generator=generator, dtype=g.dtype, device=g.device) for n, g in ci.items()}
     if kind == "stochastic":
         return stochastic_masks(ci, "continuous", generator)
     raise ValueError(f"unknown mask kind {kind!r}; valid: ci, rounded, ones, zeros, random, stochastic")

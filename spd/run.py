@@ -33,10 +33,12 @@ class Run:
         return evaluate(self.model, self.task.sample_batch, c.eval, c.output_loss, c.seed, self.task.ground_truth)
 
 
-def build_model(cfg: Config, task: Task) -> ComponentModel:
+def build_model(cfg: Config, task: Task, device: str | None = None) -> ComponentModel:
+    """The ComponentModel a config describes, on `device` (default: the config's train.device)."""
     torch.manual_seed(cfg.seed)  # component and CI-function initialisation
     d = cfg.decomposition
-    return ComponentModel(task.target, list(d.modules), d.ci_fn, d.sigmoid, d.delta_component, list(d.tied))
+    model = ComponentModel(task.target, list(d.modules), d.ci_fn, d.sigmoid, d.delta_component, list(d.tied))
+    return model.to(device or cfg.train.device)
 
 
 def _finish(run: Run, log: MetricsLog | None, seconds: float) -> dict[str, Any]:
@@ -67,12 +69,12 @@ def decompose(cfg: Config, run_dir: str | Path | None = None, progress: bool = T
     return run, _finish(run, log, time.perf_counter() - t0)
 
 
-def _load_parts(path: Path) -> tuple[Config, Task, ComponentModel]:
+def _load_parts(path: Path, device: str | None = None) -> tuple[Config, Task, ComponentModel]:
     if not (path / io.CONFIG).is_file():
         raise FileNotFoundError(f"{str(path)!r} is not a run directory (no {io.CONFIG})")
     cfg = load_config(path / io.CONFIG)
     task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed, io.load_tensors(path / io.TARGET))
-    return cfg, task, build_model(cfg, task)
+    return cfg, task, build_model(cfg, task, device)
 
 
 def resume(run_dir: str | Path, progress: bool = True) -> tuple[Run, dict[str, Any]]:
@@ -90,10 +92,10 @@ def resume(run_dir: str | Path, progress: bool = True) -> tuple[Run, dict[str, A
     return run, _finish(run, log, time.perf_counter() - t0)
 
 
-def load_run(run_dir: str | Path) -> Run:
+def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     """Load a finished run (or its last checkpoint if it has no final model) without network or pickle."""
     path = Path(run_dir)
-    cfg, task, model = _load_parts(path)
+    cfg, task, model = _load_parts(path, device)
     if (path / io.MODEL).is_file():
         state = io.load_tensors(path / io.MODEL)
     else:
@@ -101,7 +103,7 @@ def load_run(run_dir: str | Path) -> Run:
         if ckpt is None:
             raise FileNotFoundError(f"run {str(path)!r} has neither {io.MODEL} nor a checkpoint")
         tensors = io.load_tensors(ckpt / "state.safetensors")
-        state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("target.")]
     if missing or unexpected:

@@ -28,6 +28,15 @@ class Task:
     info: dict[str, Any] = field(default_factory=dict)  # facts about the target, reported with evals
 
 
+def to_device(x: Any, device: torch.device) -> Any:
+    """Move a batch (a tensor, or a dict of tensors such as tokenizer output) to `device`."""
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
 def resolve_factory(spec: str) -> Callable[..., Task]:
     mod_name, _, attr = spec.partition(":")
     try:

@@ -14,9 +14,17 @@ from spd import io
 from spd.config import Config, LRConfig, WarmupConfig
 from spd.losses import DIVERGENCES, StepContext, faithfulness_loss, total_loss
 from spd.model import ComponentModel
-from spd.task import BatchSampler
+from spd.task import BatchSampler, to_device
 
 MASK_SEED_OFFSET = 7919
+
+
+def _short(key: str) -> str:
+    """Progress-bar label: 'loss/stochastic_recon/layerwise' -> 'sr/layerwise'."""
+    key = key.removeprefix("loss/")
+    for long, short in (("stochastic_recon", "sr"), ("importance_minimality", "imp"), ("faithfulness", "faith")):
+        key = key.replace(long, short)
+    return key
 
 
 def lr_at(step: int, steps: int, cfg: LRConfig) -> float:
@@ -97,8 +105,11 @@ def train(
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    mask_gen = torch.Generator().manual_seed(cfg.seed + MASK_SEED_OFFSET)
+    device = torch.device(tc.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device is {tc.device!r} but CUDA is not available here; set train.device=cpu")
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # data is sampled on the CPU, then moved
+    mask_gen = torch.Generator(device=device).manual_seed(cfg.seed + MASK_SEED_OFFSET)
     gens = {"data": data_gen, "mask": mask_gen}
     opt = build_optimizer(model, cfg)
     start = 0
@@ -111,7 +122,7 @@ def train(
             log(0, {"warmup/faithfulness": warm})
     if tc.compile:
         compile_ci_function(model)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.bf16 else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if tc.bf16 else nullcontext()
     bar = tqdm(
         range(start, tc.steps),
         initial=start,
@@ -124,7 +135,7 @@ def train(
         lr = lr_at(step, tc.steps, tc.lr)
         for group in opt.param_groups:
             group["lr"] = lr
-        x = sample_batch(tc.batch_size, data_gen)
+        x = to_device(sample_batch(tc.batch_size, data_gen), device)
         with autocast:
             loss, terms, ci_lower = train_step(model, x, cfg, mask_gen, step / tc.steps)
         opt.zero_grad(set_to_none=True)
@@ -139,7 +150,7 @@ def train(
                 f"train_ci_l0/{n}": float((g > cfg.eval.ci_threshold).sum(-1).float().mean())
                 for n, g in ci_lower.items()
             }
-            bar.set_postfix({k.split("/", 1)[1][:14]: f"{v:.3g}" for k, v in row.items() if k.startswith("loss/")})
+            bar.set_postfix({_short(k): f"{v:.3g}" for k, v in row.items() if k.startswith("loss/")})
             if log is not None:
                 log(step, row)
         if run_dir is not None and ((step + 1) % tc.checkpoint_every == 0 or last):

@@ -15,7 +15,13 @@ def tiny_tms_config(**train: Any) -> dict[str, Any]:
     cfg = yaml.safe_load((ROOT / "configs" / "tms_5-2.yaml").read_text())
     cfg["target"]["kwargs"].update(train_steps=300, require_all_represented=False)
     cfg["train"].update(
-        steps=30, batch_size=64, log_every=5, checkpoint_every=10, faithfulness_warmup={"steps": 5}, **train
+        steps=30,
+        batch_size=64,
+        log_every=5,
+        checkpoint_every=10,
+        faithfulness_warmup={"steps": 5},
+        compile=False,
+        **train,
     )
     cfg["eval"] = {"batch_size": 128, "n_batches": 1}
     return cfg

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from spd.ground_truth import alive_counts, dense_ci_error, identity_ci_error, mmcs_ml2r
+from spd.ground_truth import alive_counts, dense_ci_entries_below, dense_ci_error, identity_ci_error, mmcs_ml2r
 
 
 def test_identity_ci_error_is_permutation_invariant():
@@ -20,7 +20,10 @@ def test_dense_ci_error():
     ci[:, 1] = 1.0
     ci[:, 3] = 0.95
     assert dense_ci_error(ci, k=2) == 0
-    ci[2, 3] = 0.5  # an always-important subcomponent is not important on one probe
+    ci[2, 3] = 0.5  # one of the k is below 1 - tol on one probe: allowed (reference definition) ...
+    assert dense_ci_error(ci, k=2) == 0
+    assert dense_ci_entries_below(ci, k=2) == 1  # ... but reported
+    ci[:, 3] = 0.85  # one of the k never reaches 1 - tol
     ci[0, 0] = 0.2  # a should-be-dead one fires
     assert dense_ci_error(ci, k=2) == 2
 
