@@ -31,5 +31,10 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+## Remake the README figure from a run directory: make figures RUN=runs/tms_5-2-id-...
+figures: $(STAMP)
+	test -n "$(RUN)" || (echo "usage: make figures RUN=<run directory of a TMS 5-2+ID run>" && exit 2)
+	$(BIN)/python figures/tms_ci_and_weights.py $(RUN) --out figures/tms_5-2-id.png
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

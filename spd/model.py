@@ -206,10 +206,7 @@ class ComponentModel(nn.Module):
         _, acts = self.forward_with_cache(x)
         return self.ci_from_acts(acts)
 
-    # ---- mask helpers for notebooks -----------------------------------------------------------------
-    def masks_like(self, ci: dict[str, Tensor], value: float) -> dict[str, Tensor]:
-        return {n: torch.full_like(v, value) for n, v in ci.items()}
-
+    # ---- helpers for notebooks --------------------------------------------------------------------------
     def alive_subcomponents(self, x: Any, threshold: float = 0.1) -> dict[str, Tensor]:
         """Indices of subcomponents whose lower CI exceeds `threshold` on at least one input of the batch."""
         ci = self.causal_importances(x).lower

@@ -60,3 +60,26 @@ def test_causal_importances_and_alive(cm):
     assert set(alive) == {"fc1", "fc2"}
     w = cm.subcomponent_weight("fc1", 2)
     assert w.shape == (4, 3) and torch.linalg.matrix_rank(w) == 1
+
+
+def test_tied_components():
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(3, 2, bias=False), nn.Linear(2, 3)
+    with torch.no_grad():
+        lin2.weight.copy_(lin1.weight.T)
+    target = nn.Sequential(lin1, lin2)
+    spec = [ModuleSpec(pattern="*", C=4)]
+    cm = ComponentModel(target, spec, CIConfig(), tied=[("0", "1")])
+    a, b = cm.comp("0"), cm.comp("1")
+    assert torch.equal(b.weight(), a.weight().T) and torch.equal(b.subcomponent(2), a.subcomponent(2).T)
+    assert len(list(cm.decomposition_parameters())) == 2  # only the source's V and U
+    ones = {n: torch.ones(5, 4) for n in cm.module_names}
+    dm = {n: torch.ones(5) for n in cm.module_names}
+    x = torch.randn(5, 3)
+    assert torch.allclose(cm(x, ones, dm), target(x), atol=1e-6)
+    with pytest.raises(ValueError, match="not a decomposed module"):
+        ComponentModel(target, [ModuleSpec(pattern="0", C=4)], CIConfig(), tied=[("0", "1")])
+    with pytest.raises(ValueError, match="same C"):
+        ComponentModel(
+            target, [ModuleSpec(pattern="0", C=4), ModuleSpec(pattern="1", C=3)], CIConfig(), tied=[("0", "1")]
+        )
