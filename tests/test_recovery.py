@@ -10,13 +10,9 @@ from helpers import ROOT
 from spd.config import load_config
 from spd.run import decompose
 
-FAST = [
-    "train.steps=3000",
-    "train.batch_size=1024",
-    "train.lr.peak=2e-3",
-    "train.checkpoint_every=100000",
-    "eval.n_batches=4",
-]
+# A quarter of the paper's batch at a higher LR: recovered the ground truth on all of seeds 0-4 in ~20 s each
+# (benchmarks/results/recovery_tms_5-2_short.json).
+FAST = ["train.steps=4000", "train.batch_size=1024", "train.lr.peak=3e-3", "train.checkpoint_every=100000"]
 
 
 def _gt(results: dict) -> dict:
@@ -24,7 +20,7 @@ def _gt(results: dict) -> dict:
 
 
 def test_tms_5_2_recovers_ground_truth_on_a_short_schedule():
-    cfg = load_config(ROOT / "configs" / "tms_5-2.yaml", FAST + ["train.compile=false"])
+    cfg = load_config(ROOT / "configs" / "tms_5-2.yaml", FAST)
     _, results = decompose(cfg, None, progress=False)
     gt = _gt(results)
     assert gt["n_represented"] == 5
