@@ -18,8 +18,8 @@ class BaseConfig(BaseModel):
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
-    # Discriminated unions insert the tag into the location ("losses.0.stochastic_recon.coeff");
-    # keep the user's own path only: drop entries that are not field names of the user's YAML.
+    # Discriminated unions put the tag into the location ("losses.0.stochastic_recon.routing"); it is kept,
+    # since it names which kind of loss entry the bad field belongs to.
     return ".".join(str(part) for part in loc)
 
 

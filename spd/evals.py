@@ -50,7 +50,7 @@ def evaluate(
         dm = delta_masks(ci, mask_gen) if model.delta_component else None
         for routing in ("all", "layerwise"):
             row[f"recon/stochastic_{routing}"] = masked_recon_loss(model, x, target_out, stoch, routing, div, dm).item()
-        row["recon/target_vs_zero_output"] = div(torch.zeros_like(target_out), target_out).item()
+        row["recon/zero_output_baseline"] = div(torch.zeros_like(target_out), target_out).item()
         for n, v in ci_l0(ci, cfg.ci_threshold).items():
             row[f"ci_l0/{n}"] = v
         for k, v in row.items():

@@ -21,7 +21,13 @@ class MetricsLog:
         self.path = path
         self._wandb = None
         if wandb_cfg is not None and wandb_cfg.mode != "disabled":
-            import wandb  # noqa: TID251  (optional dependency, imported only when asked for)
+            try:
+                import wandb  # noqa: TID251  (optional dependency, imported only when asked for)
+            except ImportError:
+                raise ImportError(
+                    "the config has a `wandb:` section but wandb is not installed; install it with "
+                    "`pip install -e '.[wandb]'`, or remove the section (metrics.jsonl is always written)"
+                ) from None
 
             self._wandb = wandb.init(
                 project=wandb_cfg.project, mode=wandb_cfg.mode, name=run_name or None,
