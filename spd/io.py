@@ -111,16 +111,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def load_model_state(model: torch.nn.Module, state: dict[str, Tensor], source: Path) -> None:
+    """Load components and CI function (everything but the target, which is stored separately)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("target.")]
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit this model (missing {missing}, unexpected {unexpected})")
+
+
+def checkpoint_model_state(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
 def load_checkpoint(
     path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, generators: dict[str, torch.Generator]
 ) -> int:
     tensors = load_tensors(path / "state.safetensors")
     meta = json.loads((path / "state.json").read_text())
-    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(model_state, strict=False)
-    missing = [k for k in missing if not k.startswith("target.")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit this model (missing {missing}, unexpected {unexpected})")
+    load_model_state(model, checkpoint_model_state(tensors), path)
     _optimizer_from_flat(opt, tensors, meta["optimizer"])
     for k, g in generators.items():
         g.set_state(tensors[f"rng.{k}"])

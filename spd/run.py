@@ -97,15 +97,11 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     path = Path(run_dir)
     cfg, task, model = _load_parts(path, device)
     if (path / io.MODEL).is_file():
-        state = io.load_tensors(path / io.MODEL)
+        state, source = io.load_tensors(path / io.MODEL), path / io.MODEL
     else:
         ckpt = io.latest_checkpoint(path)
         if ckpt is None:
             raise FileNotFoundError(f"run {str(path)!r} has neither {io.MODEL} nor a checkpoint")
-        tensors = io.load_tensors(ckpt / "state.safetensors")
-        state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("target.")]
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit its config (missing {missing}, unexpected {unexpected})")
+        state, source = io.checkpoint_model_state(io.load_tensors(ckpt / "state.safetensors")), ckpt
+    io.load_model_state(model, state, source)
     return Run(cfg, task, model, path)

@@ -67,6 +67,12 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "train_step", real_step)
     assert io.latest_checkpoint(tmp_path / "crashed").name == "step_0000009"
     assert not (tmp_path / "crashed" / io.MODEL).exists()
+    # a crashed run still loads, from its last checkpoint
+    partial = load_run(tmp_path / "crashed")
+    ckpt = io.checkpoint_model_state(
+        io.load_tensors(tmp_path / "crashed" / io.CKPTS / "step_0000009" / "state.safetensors")
+    )
+    assert all(torch.equal(partial.model.trainable_state_dict()[k], v) for k, v in ckpt.items())
 
     resumed, _ = resume(tmp_path / "crashed", progress=False)
     a, b = _params(full.model), _params(resumed.model)
