@@ -90,7 +90,7 @@ def _mlp(d_in: int, hidden: list[int], d_out: int) -> nn.Sequential:
     layers.append(nn.Linear(dims[-1], d_out))
     for m in layers:
         if isinstance(m, nn.Linear):
-            gain = 1.0 if m.out_features == d_out and m is layers[-1] else HIDDEN_GAIN
+            gain = 1.0 if m is layers[-1] else HIDDEN_GAIN
             nn.init.normal_(m.weight, std=gain / math.sqrt(m.in_features))
             nn.init.zeros_(m.bias)
     return nn.Sequential(*layers)
