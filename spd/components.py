@@ -94,8 +94,18 @@ class Components(nn.Module):
         mask: Float[Tensor, "... C"] | None = None,
         delta_mask: Float[Tensor, "..."] | None = None,
         inner: Float[Tensor, "... C"] | None = None,
+        clean_out: Float[Tensor, "... d_out"] | None = None,
     ) -> Float[Tensor, "... d_out"]:
+        """Masked forward. `inner` (= x @ V) and `clean_out` (the target module's own output on this x) are
+        shortcuts when x is the clean input: with them the delta term needs no matmul, because
+        (h*m) @ U + dm * x @ (W - V @ U) = dm * (x @ W) + (h * (m - dm)) @ U."""
         h = self.inner(x) if inner is None else inner
+        b = self.bias
+        if delta_mask is not None and clean_out is not None:
+            dm = delta_mask[..., None]
+            m = 1.0 - dm if mask is None else mask - dm
+            out = (h * m) @ self.U + dm * clean_out  # clean_out includes the bias once, scaled by dm
+            return out if b is None else out + (1.0 - dm) * b
         if mask is not None:
             h = h * mask
         out = h @ self.U
@@ -103,7 +113,6 @@ class Components(nn.Module):
             d = self.delta()
             d_out = d[x] if self.kind == "embedding" else x @ d
             out = out + delta_mask[..., None] * d_out
-        b = self.bias
         return out if b is None else out + b
 
 

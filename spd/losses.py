@@ -18,7 +18,7 @@ from torch import Tensor
 
 from spd.base_config import BaseConfig
 from spd.masks import Routing, Sampling, delta_masks, stochastic_masks, subset_routes
-from spd.model import CausalImportances, ComponentModel
+from spd.model import CausalImportances, CleanPass, ComponentModel
 
 OutputLoss = Literal["mse", "kl"]
 
@@ -98,24 +98,29 @@ def masked_recon_loss(
     divergence: Callable[[Tensor, Tensor], Tensor],
     delta_masks_: dict[str, Tensor] | None = None,
     generator: torch.Generator | None = None,
+    clean: CleanPass | None = None,
 ) -> Tensor:
     """Divergence of the masked model's output from the target's, routed through `routing`.
 
     all: every module at once; layerwise: the mean over modules of one-module-at-a-time passes;
     subset: per position a uniformly random k-subset of modules (k ~ U{1..L}).
+    `clean` (the clean pass on x) only saves work; the result is the same without it.
     """
     if routing == "all":
-        return divergence(model(x, masks, delta_masks_), target_out)
+        return divergence(model(x, masks, delta_masks_, clean=clean), target_out)
     if routing == "layerwise":
         losses = [
-            divergence(model(x, {n: masks[n]}, None if delta_masks_ is None else {n: delta_masks_[n]}), target_out)
+            divergence(
+                model(x, {n: masks[n]}, None if delta_masks_ is None else {n: delta_masks_[n]}, clean=clean),
+                target_out,
+            )
             for n in masks
         ]
         return torch.stack(losses).mean()
     if routing == "subset":
         any_mask = next(iter(masks.values()))
         routes = subset_routes(list(masks), any_mask.shape[:-1], generator, any_mask.device)
-        return divergence(model(x, masks, delta_masks_, routes), target_out)
+        return divergence(model(x, masks, delta_masks_, routes, clean=clean), target_out)
     raise ValueError(f"unknown routing {routing!r}; valid: all, layerwise, subset")
 
 
@@ -129,13 +134,14 @@ def stochastic_recon_loss(
     n_mask_samples: int = 1,
     sampling: Sampling = "continuous",
     generator: torch.Generator | None = None,
+    clean: CleanPass | None = None,
 ) -> Tensor:
     """Mean over mask samples of the masked-reconstruction loss with masks g + (1-g) r."""
     total: Tensor = torch.zeros(())
     for _ in range(n_mask_samples):
         masks = stochastic_masks(ci_lower, sampling, generator)
         dm = delta_masks(ci_lower, generator) if model.delta_component else None
-        total = total + masked_recon_loss(model, x, target_out, masks, routing, divergence, dm, generator)
+        total = total + masked_recon_loss(model, x, target_out, masks, routing, divergence, dm, generator, clean)
     return total / n_mask_samples
 
 
@@ -215,6 +221,7 @@ class StepContext:
     divergence: Callable[[Tensor, Tensor], Tensor]
     generator: torch.Generator | None
     frac: float  # step / total steps
+    clean: CleanPass | None = None  # the clean pass, for masked passes to reuse
 
 
 def _faith(ctx: StepContext, cfg: FaithfulnessConfig) -> Tensor:
@@ -229,13 +236,13 @@ def _imp(ctx: StepContext, cfg: ImportanceMinimalityConfig) -> Tensor:
 def _stoch(ctx: StepContext, cfg: StochasticReconConfig) -> Tensor:
     return stochastic_recon_loss(
         ctx.model, ctx.x, ctx.target_out, ctx.ci.lower, cfg.routing, ctx.divergence,
-        cfg.n_mask_samples, cfg.sampling, ctx.generator,
+        cfg.n_mask_samples, cfg.sampling, ctx.generator, ctx.clean,
     )  # fmt: skip
 
 
 def _ci_masked(ctx: StepContext, cfg: CIMaskedReconConfig) -> Tensor:
     return masked_recon_loss(
-        ctx.model, ctx.x, ctx.target_out, ctx.ci.lower, cfg.routing, ctx.divergence, None, ctx.generator
+        ctx.model, ctx.x, ctx.target_out, ctx.ci.lower, cfg.routing, ctx.divergence, None, ctx.generator, ctx.clean
     )
 
 

@@ -31,6 +31,20 @@ class ModuleSpec(BaseConfig):
     C: int = Field(gt=0)
 
 
+@dataclass
+class CleanPass:
+    """One clean target pass, kept so masked passes can skip work whose input is unchanged.
+
+    acts: input of every decomposed module (its last call); outs: output of each module called exactly once;
+    inner: acts @ V per module (set by the training step, with gradients, so masked passes reuse it).
+    """
+
+    output: Tensor
+    acts: dict[str, Tensor]
+    outs: dict[str, Tensor]
+    inner: dict[str, Tensor] | None = None
+
+
 @dataclass(frozen=True)
 class CausalImportances:
     lower: dict[str, Tensor]  # masks, L0, evaluation
@@ -149,6 +163,26 @@ class ComponentModel(nn.Module):
         cache: dict[str, Tensor] = {}
         return self(x, cache=cache), cache
 
+    def clean_pass(self, x: Any) -> CleanPass:
+        """Clean target pass recording each decomposed module's input and (if called once) output."""
+        acts: dict[str, Tensor] = {}
+        outs: dict[str, Tensor] = {}
+        calls: dict[str, int] = {}
+
+        def record(name: str) -> Callable[..., Tensor]:
+            orig = self._target_modules[name].forward
+
+            def fn(inp: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+                out = orig(inp, *args, **kwargs)
+                acts[name], outs[name], calls[name] = inp, out, calls.get(name, 0) + 1
+                return out
+
+            return fn
+
+        with self._patched({n: record(n) for n in self.module_names}):
+            output = output_tensor(self._call_target(x))
+        return CleanPass(output, acts, {n: o for n, o in outs.items() if calls[n] == 1})
+
     def forward(
         self,
         x: Any,
@@ -156,6 +190,7 @@ class ComponentModel(nn.Module):
         delta_masks: dict[str, Tensor] | None = None,
         routes: dict[str, Tensor] | None = None,
         cache: dict[str, Tensor] | None = None,
+        clean: CleanPass | None = None,
     ) -> Tensor:
         """Run the target with the modules in `masks` replaced by their masked subcomponents.
 
@@ -164,10 +199,14 @@ class ComponentModel(nn.Module):
         delta_masks: module -> (...) scale of the delta component (absent: no delta term).
         routes: module -> (...) bool; where False the position keeps the target's output for that module.
         cache: if given, filled with the input of every decomposed module during this pass.
+        clean: the clean pass on the same x. Until the first replaced module has run, the computation equals
+            the clean pass, so that module's inner activations and target output are taken from `clean`
+            (in a layerwise pass that is the one replaced module; in an all-module pass, the first one).
         """
         masks = masks or {}
         delta_masks = delta_masks or {}
         routes = routes or {}
+        state = {"replaced_ran": False}
 
         def wrapped(name: str) -> Callable[..., Tensor]:
             orig = self._target_modules[name].forward
@@ -179,10 +218,15 @@ class ComponentModel(nn.Module):
                     cache[name] = inp
                 if mask is None:
                     return orig(inp, *args, **kwargs)
-                out = comp(inp, mask, delta_masks.get(name))
+                inner = clean_out = None
+                if clean is not None and not state["replaced_ran"] and name in clean.outs:
+                    clean_out = clean.outs[name]
+                    inner = None if clean.inner is None else clean.inner.get(name)
+                state["replaced_ran"] = True
+                out = comp(inp, mask, delta_masks.get(name), inner, clean_out)
                 route = routes.get(name)
                 if route is not None:
-                    out = torch.where(route[..., None], out, orig(inp))
+                    out = torch.where(route[..., None], out, orig(inp) if clean_out is None else clean_out)
                 return out
 
             return fn
@@ -192,8 +236,12 @@ class ComponentModel(nn.Module):
             return output_tensor(self._call_target(x))
 
     # ---- causal importances -------------------------------------------------------------------------
-    def ci_from_acts(self, acts: dict[str, Tensor]) -> CausalImportances:
-        inner = {n: self.comp(n).inner(acts[n]) for n in self.module_names}
+    def inner_acts(self, acts: dict[str, Tensor]) -> dict[str, Tensor]:
+        """acts @ V per decomposed module (what the per-subcomponent CI functions read)."""
+        return {n: self.comp(n).inner(acts[n]) for n in self.module_names}
+
+    def ci_from_acts(self, acts: dict[str, Tensor], inner: dict[str, Tensor] | None = None) -> CausalImportances:
+        inner = self.inner_acts(acts) if inner is None else inner
         z = self.ci_fn(acts, inner)
         return CausalImportances(
             lower={n: self.lower_sigmoid(v) for n, v in z.items()},

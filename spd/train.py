@@ -81,9 +81,10 @@ def train_step(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One forward of all configured losses; returns (total, terms, lower CIs)."""
     with torch.no_grad():
-        target_out, acts = model.forward_with_cache(x)
-    ci = model.ci_from_acts(acts)
-    ctx = StepContext(model, x, target_out, acts, ci, DIVERGENCES[cfg.output_loss], gen, frac)
+        clean = model.clean_pass(x)
+    clean.inner = model.inner_acts(clean.acts)  # with gradients: shared by the CI function and masked passes
+    ci = model.ci_from_acts(clean.acts, clean.inner)
+    ctx = StepContext(model, x, clean.output, clean.acts, ci, DIVERGENCES[cfg.output_loss], gen, frac, clean)
     loss, terms = total_loss(ctx, list(cfg.losses))
     return loss, terms, ci.lower
 

@@ -83,3 +83,48 @@ def test_tied_components():
         ComponentModel(
             target, [ModuleSpec(pattern="0", C=4), ModuleSpec(pattern="1", C=3)], CIConfig(), tied=[("0", "1")]
         )
+
+
+class Twice(nn.Module):
+    """fc applied twice: only the first call of a replaced module may take the clean-pass shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(torch.relu(self.fc(x)))))
+
+
+@pytest.mark.parametrize("target", ["two_layer", "twice"])
+@pytest.mark.parametrize("routing", ["all", "layerwise", "subset"])
+def test_clean_pass_shortcut_changes_nothing(two_layer, target, routing):
+    """Masked passes that reuse the clean pass (inner activations, target outputs) give the same loss and grads."""
+    from spd.losses import mse, stochastic_recon_loss
+
+    torch.manual_seed(0)
+    net = two_layer if target == "two_layer" else Twice()
+    model = ComponentModel(net, [ModuleSpec(pattern="*", C=4)], CIConfig(type="mlp", hidden=[4]))
+    with torch.no_grad():
+        for c in model.components.values():
+            c.V.mul_(1.3)  # so the delta component is far from zero
+    x = torch.randn(16, 3)
+    results = []
+    for use_clean in (False, True):
+        model.zero_grad()
+        with torch.no_grad():
+            clean = model.clean_pass(x)
+        clean.inner = model.inner_acts(clean.acts)
+        ci = model.ci_from_acts(clean.acts, clean.inner)
+        gen = torch.Generator().manual_seed(3)
+        loss = stochastic_recon_loss(
+            model, x, clean.output, ci.lower, routing, mse, generator=gen, clean=clean if use_clean else None
+        )
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-7)
+    assert len(g0) == len(g1) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g0, g1, strict=True))
+    if target == "twice":
+        assert "fc" not in clean.outs  # called twice: no output shortcut

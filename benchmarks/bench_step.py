@@ -1,11 +1,13 @@
-"""Per-step time of the TMS 5-2 decomposition (C 20, batch 4096, the shipped config's losses).
+"""Per-step time of a decomposition config (default TMS 5-2: C 20, batch 4096, the shipped config's losses).
 
-    python benchmarks/bench_tms.py [--steps 200] [--modes eager compile bf16] [--device cpu|cuda]
+    python benchmarks/bench_step.py [--config configs/tms_5-2.yaml] [--set k=v ...] [--steps 200]
+                                    [--modes eager compile bf16] [--device cpu|cuda]
 
 Times `--steps` full training steps (data, CI, all losses, backward, AdamW) after `--warmup` steps, for each
 mode, and prints ms/step and steps/s, plus the time to import spd and to answer `spd --help`.
-The yardstick (the public reference implementation, same config): 31 ms/step fp32 and 143 ms/step with
-its default bf16 autocast on a 2-core CPU; 16.6 ms/step on an H100.
+Yardsticks (the public reference implementation, same configs): TMS 5-2 31 ms/step fp32 and 143 ms/step with
+its default bf16 autocast on a 2-core CPU, 16.6 ms/step on an H100; ResidMLP 1 220 ms/step fp32 and 3.2 s/step
+bf16 on the 2-core CPU, 18 ms/step on an H100.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from spd.task import build_task
 from spd.train import build_optimizer, compile_ci_function, train_step
 
 
-def time_mode(mode: str, steps: int, warmup: int, device: str) -> dict[str, float]:
-    cfg = load_config("configs/tms_5-2.yaml", ["target.kwargs.train_steps=2000"])
+def time_mode(mode: str, steps: int, warmup: int, device: str, config: str, overrides: list[str]) -> dict[str, float]:
+    cfg = load_config(config, overrides)
     task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed)
     model = build_model(cfg, task).to(device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -74,19 +76,26 @@ def cli_times() -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/tms_5-2.yaml")
+    p.add_argument("--set", action="append", default=None, help="config overrides (default for TMS: a short target)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    overrides = (
+        args.set if args.set is not None else (["target.kwargs.train_steps=2000"] if "tms" in args.config else [])
+    )
     out = {
+        "config": args.config,
+        "overrides": overrides,
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
     for mode in args.modes:
-        out[mode] = time_mode(mode, args.steps, args.warmup, args.device)
+        out[mode] = time_mode(mode, args.steps, args.warmup, args.device, args.config, overrides)
         print(mode, out[mode], flush=True)
     out |= cli_times()
     print(json.dumps(out, indent=2))
