@@ -15,6 +15,7 @@ spd: stochastic parameter decomposition of trained networks.
   spd train CONFIG [--out DIR] [--set key.path=value ...]   decompose the target a YAML config names
   spd resume RUN_DIR                                        continue a crashed/stopped run from its last checkpoint
   spd eval RUN_DIR [--json]                                 evaluate a run (ground-truth scores for toy targets)
+  spd toy list | train NAME | reproduce                     toy models with known ground truth (`spd toy -h`)
 
 Example (TMS 5-2 on the CPU, about a minute):
   spd train configs/tms_5-2.yaml --out runs/tms && spd eval runs/tms
@@ -28,6 +29,10 @@ SUMMARY_KEYS = (
     "alive/",
     "n_represented",
     "n_features",
+    "neuron_contrib_",
+    "accuracy/",
+    "previous_token/",
+    "induction/",
 )
 
 
@@ -102,6 +107,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_toy(args: argparse.Namespace) -> int:
+    import importlib
+
+    # toy_models is a sibling package (installed with spd from the repository), reached by name only.
+    try:
+        toy_cli = importlib.import_module("toy_models.cli")
+    except ImportError as err:
+        print(f"spd toy: the toy_models package is not importable ({err}); install spd from its repository",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    rest = args.toy_args[1:] if args.toy_args[:1] == ["--"] else args.toy_args
+    return int(toy_cli.main(rest))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="spd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,10 +146,16 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.set_defaults(fn=cmd_eval)
+    t = sub.add_parser("toy", help="toy models: list, train NAME, reproduce", add_help=False)
+    t.add_argument("toy_args", nargs=argparse.REMAINDER)
+    t.set_defaults(fn=cmd_toy)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["toy"]:  # everything after `toy` (including -h) belongs to the toy CLI
+        argv = ["toy", "--", *argv[1:]]
     args = parser().parse_args(argv)
     from spd.base_config import ConfigError
     from spd.io import RunDirError

@@ -23,6 +23,11 @@ class TargetConfig(BaseConfig):
 
     factory: str
     kwargs: dict[str, Any] = {}
+    state_file: str | None = Field(
+        None,
+        description="safetensors state dict of an already trained target (e.g. from `spd toy train`); "
+        "the factory loads it instead of training",
+    )
 
     @field_validator("factory")
     @classmethod

@@ -7,6 +7,7 @@ ComponentModel against that description and says which acceptance criteria pass.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,16 +36,32 @@ class FeatureDirections:
 
 @dataclass(frozen=True)
 class IdentityCI:
-    """Each probe (one per feature) makes exactly one subcomponent important, a different one each."""
+    """Each probe (one per feature) makes exactly one subcomponent important, a different one each.
+
+    The subcomponent matched to probe f belongs to mechanism f"{label} {f}" (tied or cross-layer pieces of
+    the same feature share that label, which is what a grouping of subcomponents is scored against).
+    """
 
     probes: list[int]  # which rows of GroundTruth.probe_inputs to use
+    label: str = "feature"
+    modules: str | None = None  # glob over decomposed modules; default: the pattern's key in ci_patterns
 
 
 @dataclass(frozen=True)
 class DenseCI:
-    """k subcomponents carry the module on the probes (each fully important on some), all others on none."""
+    """k subcomponents carry the module on the probes (each fully important on some), all others on none.
+
+    The k together form one rank-k mechanism named `mechanism`. `probes` (default: all) picks the rows of
+    GroundTruth.probe_inputs on which the pattern is checked.
+    """
 
     k: int
+    mechanism: str = "dense"
+    probes: list[int] | None = None
+    modules: str | None = None  # glob over decomposed modules; default: the pattern's key in ci_patterns
+
+
+Check = Callable[[Any], tuple[dict[str, Any], list[str]]]  # model -> (metrics, failure messages)
 
 
 @dataclass(frozen=True)
@@ -56,12 +73,22 @@ class Criteria:
 
 @dataclass
 class GroundTruth:
-    probe_inputs: Tensor
+    """What a correct decomposition of a target looks like.
+
+    Keys of `ci_patterns` (unless the pattern names its own `modules`) and of `expected_alive` are glob patterns
+    over decomposed module names; a pattern that matches several modules is checked on all of them at once (CIs
+    concatenated along the subcomponent axis, alive counts summed), which is how cross-layer mechanisms are
+    described.
+    `checks` are extra target-specific scorers (e.g. ResidMLP neuron contributions) run by `score`.
+    """
+
+    probe_inputs: Any
     directions: list[FeatureDirections] = field(default_factory=list)
     ci_patterns: dict[str, IdentityCI | DenseCI] = field(default_factory=dict)
     expected_alive: dict[str, int] = field(default_factory=dict)
     criteria: Criteria = field(default_factory=Criteria)
     info: dict[str, Any] = field(default_factory=dict)  # e.g. n_features, n_represented
+    checks: list[Check] = field(default_factory=list)
 
 
 # ---- pure scoring functions --------------------------------------------------------------------------
@@ -141,6 +168,58 @@ def alive_counts(ci_batches: list[dict[str, Tensor]], threshold: float) -> dict[
     return {n: int(v.sum()) for n, v in alive.items()}
 
 
+def matching(names: list[str], pattern: str) -> list[str]:
+    hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not hits:
+        raise ValueError(f"ground-truth pattern {pattern!r} matches no decomposed module (they are: {names})")
+    return hits
+
+
+def concat_ci(ci: dict[str, Tensor], names: list[str]) -> tuple[Tensor, list[tuple[str, int]]]:
+    """CIs of several modules side by side ([n, sum C]) and the (module, index) of every column."""
+    cols = [(n, c) for n in names for c in range(ci[n].shape[-1])]
+    return torch.cat([ci[n].flatten(0, -2) for n in names], dim=-1), cols
+
+
+def probe_cis(model: Any, gt: GroundTruth) -> dict[str, Tensor]:
+    """Lower CIs on the ground truth's probe inputs, on the CPU; for sequence inputs, the last position."""
+    device = next(model.parameters()).device
+    x = gt.probe_inputs
+    x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+    out = {}
+    for n, v in model.causal_importances(x).lower.items():
+        out[n] = (v[:, -1] if v.dim() == 3 else v).cpu()
+    return out
+
+
+def mechanism_labels(
+    model: Any, gt: GroundTruth, probe_ci: dict[str, Tensor] | None = None
+) -> dict[str, list[str | None]]:
+    """The true mechanism each learned subcomponent belongs to, by its CI pattern on the probes.
+
+    Identity patterns: the subcomponent matched (Hungarian) to probe f gets f"{label} {f}" when its CI there is
+    above 0.5. Dense patterns: the k subcomponents with the most probe CI mass get the pattern's mechanism
+    name. Everything else is None (dead or unexplained). Used to score groupings with the adjusted Rand index.
+    """
+    probe_ci = probe_cis(model, gt) if probe_ci is None else probe_ci
+    labels: dict[str, list[str | None]] = {n: [None] * v.shape[-1] for n, v in probe_ci.items()}
+    for key, truth in gt.ci_patterns.items():
+        ci, cols = concat_ci(probe_ci, matching(list(probe_ci), truth.modules or key))
+        if isinstance(truth, IdentityCI):
+            rows = ci[truth.probes]
+            r, c = linear_sum_assignment(-rows.numpy())
+            for i, j in zip(r, c, strict=True):
+                if rows[i, j] > 0.5:
+                    n, k = cols[j]
+                    labels[n][k] = f"{truth.label} {truth.probes[i]}"
+        else:
+            rows = ci if truth.probes is None else ci[truth.probes]
+            for j in rows.sum(0).argsort(descending=True)[: truth.k].tolist():
+                n, k = cols[j]
+                labels[n][k] = truth.mechanism
+    return labels
+
+
 # ---- scoring a model ---------------------------------------------------------------------------------
 def score(
     model: Any,
@@ -166,27 +245,34 @@ def score(
         if not lo <= ml <= hi:
             failures.append(f"ml2r/{d.module} = {ml:.4f} outside [{lo}, {hi}]")
     if gt.ci_patterns:
-        device = next(model.parameters()).device
-        probe_ci = {n: v.cpu() for n, v in model.causal_importances(gt.probe_inputs.to(device)).lower.items()}
+        probe_ci = probe_cis(model, gt)
         for name, pattern in gt.ci_patterns.items():
-            ci = probe_ci[name].flatten(0, -2)
+            names = matching(list(probe_ci), pattern.modules or name)
+            ci, _ = concat_ci(probe_ci, names)
             err: Callable[[float], int]
             if isinstance(pattern, IdentityCI):
                 rows = ci[pattern.probes]
                 err, label = (lambda t, rows=rows: identity_ci_error(rows, t)), "identity_ci_error"
             else:
-                err, label = (lambda t, ci=ci, k=pattern.k: dense_ci_error(ci, k, t)), "dense_ci_error"
-                out[f"dense_ci_entries_below/{name}"] = dense_ci_entries_below(ci, pattern.k)
-                out[f"dense_sum_rel_error/{name}"] = _top_k_sum_error(model.comp(name), ci, pattern.k)
+                rows = ci if pattern.probes is None else ci[pattern.probes]
+                err, label = (lambda t, ci=rows, k=pattern.k: dense_ci_error(ci, k, t)), "dense_ci_error"
+                out[f"dense_ci_entries_below/{name}"] = dense_ci_entries_below(rows, pattern.k)
+                if len(names) == 1 and pattern.probes is None:  # the k should sum to the whole matrix
+                    out[f"dense_sum_rel_error/{name}"] = _top_k_sum_error(model.comp(names[0]), rows, pattern.k)
             e1, e2 = err(TOL), err(0.2)
             out[f"{label}/{name}"], out[f"{label}_0p2/{name}"] = e1, e2
             if e1 > crit.ci_error_max:
                 failures.append(f"{label}/{name} = {e1} > {crit.ci_error_max} (tolerance {TOL})")
     alive = alive_counts(data_ci, threshold)
     for name, expected in gt.expected_alive.items():
-        out[f"alive/{name}"] = alive[name]
-        if alive[name] != expected:
-            failures.append(f"alive/{name} = {alive[name]}, expected exactly {expected}")
+        n_alive = sum(alive[n] for n in matching(list(alive), name))
+        out[f"alive/{name}"] = n_alive
+        if n_alive != expected:
+            failures.append(f"alive/{name} = {n_alive}, expected exactly {expected}")
+    for check in gt.checks:
+        metrics, fails = check(model)
+        out |= metrics
+        failures += fails
     out["passed"] = not failures
     out["failures"] = failures
     return out

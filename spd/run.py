@@ -58,7 +58,12 @@ def decompose(cfg: Config, run_dir: str | Path | None = None, progress: bool = T
     if path is not None:
         io.prepare_run_dir(path)
         (path / io.CONFIG).write_text(cfg.to_yaml())
-    task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed)
+    state = None
+    if cfg.target.state_file is not None:
+        if not Path(cfg.target.state_file).is_file():
+            raise FileNotFoundError(f"target.state_file {cfg.target.state_file!r} does not exist")
+        state = io.load_tensors(Path(cfg.target.state_file))
+    task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed, state)
     if path is not None:
         io.save_tensors(path / io.TARGET, task.target.state_dict())
     model = build_model(cfg, task)

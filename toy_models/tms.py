@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from spd.ground_truth import Criteria, DenseCI, FeatureDirections, GroundTruth, IdentityCI
 from spd.task import Task
 from toy_models.data import sparse_features
+from toy_models.targets import trained_target
 
 PROBE_VALUE = 0.75  # one-hot probe inputs: x = 0.75 e_f
 REPRESENTED_MIN_READOUT = 0.5  # feature f is represented if the target's output at f for x = e_f is >= this
@@ -110,7 +111,17 @@ def tms_task(
     if target_state is not None:
         model.load_state_dict(target_state)
     else:
-        W, b = train_tms(n_features, n_hidden, seed, train_steps, train_batch_size, train_lr, feature_prob=feature_prob)
+        recipe = {"n_features": n_features, "n_hidden": n_hidden, "feature_prob": feature_prob, "steps": train_steps,
+                  "batch_size": train_batch_size, "lr": train_lr}  # fmt: skip
+
+        def fit() -> dict[str, Tensor]:
+            W, b = train_tms(
+                n_features, n_hidden, seed, train_steps, train_batch_size, train_lr, feature_prob=feature_prob
+            )
+            return {"W": W, "b": b}
+
+        state, source = trained_target("tms", seed, recipe, fit)
+        W, b = state["W"], state["b"]
         with torch.no_grad():
             model.linear1.weight.copy_(W)
             model.linear2.weight.copy_(W.T)
@@ -130,4 +141,6 @@ def tms_task(
         return sparse_features(batch_size, n_features, feature_prob, generator)
 
     info = {"n_features": n_features, "n_represented": len(rep), "W_column_norms": norms}
+    if target_state is None:
+        info["target_source"] = source
     return Task(model, sample_batch, ground_truth(model), info)

@@ -1,0 +1,219 @@
+"""The toy zoo: models, data, ground-truth scorers (hand-computed cases) and the `spd toy` commands."""
+
+import math
+import re
+
+import pytest
+import torch
+from helpers import ROOT
+
+from spd.cli import main as spd_main
+from spd.config import load_config
+from spd.ground_truth import DenseCI, GroundTruth, IdentityCI, concat_ci, matching, mechanism_labels
+from toy_models import TOYS
+from toy_models.cyclic import N_DAYS, build, days
+from toy_models.induction import sample_sequences
+from toy_models.resid_mlp import (
+    SIZES,
+    decomposed_neuron_contributions,
+    init_resid_mlp,
+    labels,
+    neuron_contributions,
+    resid_mlp_task,
+)
+from toy_models.targets import CACHE_ENV, trained_target
+from toy_models.tms import tms_task
+
+
+def test_every_toy_config_loads_and_names_a_factory():
+    for name, toy in TOYS.items():
+        cfg = load_config(toy.config_path, toy.fast)
+        assert cfg.target.factory.startswith("toy_models."), name
+
+
+# ---- ground-truth plumbing -----------------------------------------------------------------------------
+def test_glob_patterns_concatenate_modules():
+    ci = {
+        "layers.0.mlp_in": torch.zeros(3, 2),
+        "layers.1.mlp_in": torch.ones(3, 4),
+        "layers.0.mlp_out": torch.zeros(3, 5),
+    }
+    names = matching(list(ci), "layers.*.mlp_in")
+    assert names == ["layers.0.mlp_in", "layers.1.mlp_in"]
+    cat, cols = concat_ci(ci, names)
+    assert cat.shape == (3, 6) and cols[2] == ("layers.1.mlp_in", 0)
+    with pytest.raises(ValueError, match="'nope' matches no decomposed module"):
+        matching(list(ci), "nope")
+
+
+def test_mechanism_labels_follow_the_ci_patterns():
+    # two layers; feature 0 lives in layer 0 (column 1), feature 1 in layer 1 (column 0); a dense pair in "out".
+    probe_ci = {
+        "a.0": torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+        "a.1": torch.tensor([[0.0, 0.0], [0.95, 0.0], [0.0, 0.0]]),
+        "out": torch.tensor([[1.0, 0.0, 0.9], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]),
+    }
+    gt = GroundTruth(
+        probe_inputs=None,
+        ci_patterns={
+            "a.*": IdentityCI(probes=[0, 1]),
+            "out/pair": DenseCI(k=2, mechanism="W_out", probes=[0, 1], modules="out"),
+        },
+    )
+    labels_ = mechanism_labels(None, gt, probe_ci)
+    assert labels_ == {
+        "a.0": [None, "feature 0", None],
+        "a.1": ["feature 1", None],
+        "out": ["W_out", None, "W_out"],
+    }
+
+
+def test_trained_target_cache(tmp_path, monkeypatch):
+    calls = []
+
+    def fit():
+        calls.append(1)
+        return {"w": torch.arange(3.0)}
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    s1, src1 = trained_target("toy", 0, {"a": 1}, fit)
+    s2, src2 = trained_target("toy", 0, {"a": 1}, fit)
+    _, src3 = trained_target("toy", 0, {"a": 2}, fit)  # another recipe: not the cached file
+    assert (src1, src2, src3) == ("trained", "cache", "trained") and len(calls) == 2
+    assert torch.equal(s1["w"], s2["w"])
+
+
+def test_shipped_tms_40_10_targets_load_without_training():
+    for hidden_identity in (False, True):
+        t = tms_task(seed=0, n_features=40, n_hidden=10, train_batch_size=8192, hidden_identity=hidden_identity,
+                     require_all_represented=False)  # fmt: skip
+        assert t.info["target_source"] == "shipped"
+        assert t.info["n_represented"] >= 38
+
+
+# ---- ResidMLP ------------------------------------------------------------------------------------------
+def test_resid_mlp_shapes_labels_and_embedding():
+    for n_layers, (nf, dm) in SIZES.items():
+        m = init_resid_mlp(n_layers, seed=0, d_embed=64)
+        assert m.W_E.shape == (nf, 64) and len(m.layers) == n_layers
+        assert m.layers[0].mlp_in.out_features == dm
+        assert torch.allclose(m.W_E.norm(dim=1), torch.ones(nf))
+    x = torch.tensor([[-0.5, 0.0, 0.25]])
+    assert torch.equal(labels(x), torch.tensor([[-0.5, 0.0, 0.5]]))
+
+
+def test_neuron_contributions_hand_computed():
+    W_E = torch.eye(2, 3)  # 2 features, d_embed 3, orthonormal rows
+    W_in = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # d_embed x d_mlp
+    W_out = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # d_mlp x d_embed
+    nc = neuron_contributions(W_E, W_in, W_out)
+    # feature 0: in (1, 2), out (W_out @ e_0) = (1, 0) -> (1, 0); feature 1: in (3, 4), out (0, 2) -> (0, 8)
+    assert torch.equal(nc, torch.tensor([[1.0, 0.0], [0.0, 8.0]]))
+    # one subcomponent per feature reading W_E[i] and writing W_E[i] @ W_in reproduces them exactly
+    V_in = W_E.T.clone()
+    U_in = W_E @ W_in
+    assert torch.allclose(decomposed_neuron_contributions(W_E, V_in, U_in, W_out), nc)
+
+
+def test_resid_mlp_small_target_trains_below_the_monosemantic_baseline():
+    # 20 features, 10 neurons: a dedicated-neuron model leaves half the features with error E[ReLU(x)^2] p
+    task = resid_mlp_task(seed=0, n_layers=1, d_embed=200, n_features=20, d_mlp=10, feature_prob=0.05,
+                          train_steps=600)  # fmt: skip
+    monosemantic = 0.5 * 0.05 * (1 / 6)
+    assert task.info["target_loss"] < monosemantic
+    assert task.ground_truth.expected_alive == {"layers.*.mlp_in": 20, "layers.*.mlp_out": 10}
+
+
+# ---- cyclic (rank-2) -------------------------------------------------------------------------------------
+def test_cyclic_layer_advances_the_day_and_scales_features():
+    model, Q, scales = build(n_features=3, seed=0)
+    d = days()
+    raw = torch.zeros(N_DAYS, 5)
+    raw[:, 3:] = d
+    out_raw = model(raw @ Q) @ Q.T  # back to the raw basis
+    assert torch.allclose(out_raw[:, 3:], d.roll(-1, dims=0), atol=1e-5)  # day k -> day k+1
+    f = torch.zeros(1, 5)
+    f[0, 1] = 1.0
+    assert torch.allclose(model(f @ Q) @ Q.T, scales[1] * f, atol=1e-5)
+    W = model.layer.weight.T
+    assert torch.linalg.matrix_rank(Q[3:].T @ Q[3:] @ W).item() == 2  # the rotation block has rank 2
+    assert math.isclose(torch.linalg.det(Q @ W @ Q.T)[()].item(), scales.prod().item(), rel_tol=1e-4)
+
+
+# ---- induction ---------------------------------------------------------------------------------------------
+def test_induction_sequences():
+    tokens, label = sample_sequences(64, vocab=10, seq_len=12, g=torch.Generator().manual_seed(0))
+    S = 11
+    assert tokens.shape == (64, 12) and (tokens[:, 0] == 0).all() and (tokens[:, -1] == S).all()
+    for row, m in zip(tokens, label, strict=True):
+        first = (row == S).nonzero().flatten()[0].item()
+        assert first < 12 - 1 and row[first + 1].item() == m.item() and 1 <= m.item() <= 10
+
+
+# ---- the commands ------------------------------------------------------------------------------------------
+def test_toy_train_writes_a_target_and_never_overwrites(tmp_path, capsys):
+    out = tmp_path / "cyc.safetensors"
+    assert spd_main(["toy", "train", "cyclic", "--seed", "1", "--out", str(out)]) == 0
+    assert out.is_file()
+    with pytest.raises(SystemExit, match="exists"):
+        spd_main(["toy", "train", "cyclic", "--out", str(out)])
+    run_dir = tmp_path / "run"
+    assert spd_main(["train", str(ROOT / "configs" / "cyclic.yaml"), "--out", str(run_dir), "--quiet",
+                     "--set", f"target.state_file={out}", "--set", "seed=1", "--set", "train.steps=20",
+                     "--set", "train.faithfulness_warmup.steps=2"]) == 0  # fmt: skip
+
+
+def test_toy_reproduce_writes_the_table(tmp_path):
+    md = tmp_path / "toy_results.md"
+    argv = [
+        "toy",
+        "reproduce",
+        "--toys",
+        "cyclic",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(md),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--set",
+        "train.steps=30",
+        "--set",
+        "train.checkpoint_every=1000",
+    ]
+    assert spd_main(argv) == 0  # fmt: skip
+    text = md.read_text()
+    assert "seeds passed" in text and re.search(r"\| cyclic \| [0-2] / 2 \|", text), text
+    assert (tmp_path / "toy_ci" / "cyclic.png").is_file()
+    assert (tmp_path / "runs" / "cyclic" / "seed1" / "eval.json").is_file()
+    with pytest.raises(SystemExit, match="exists"):
+        spd_main(argv)
+
+
+# ---- scorers end to end on short runs (plumbing; recovery itself is in test_recovery.py) --------------------
+def _short(name: str, *extra: str) -> dict:
+    from spd.run import decompose
+
+    over = ["train.steps=20", "train.faithfulness_warmup.steps=2", "train.compile=false",
+            "train.checkpoint_every=1000", "eval.n_batches=1", "eval.batch_size=256", *extra]  # fmt: skip
+    _, results = decompose(load_config(TOYS[name].config_path, over), None, progress=False)
+    return results
+
+
+def test_resid_mlp_two_layer_scores_span_layers():
+    small = ["target.kwargs.d_embed=100", "target.kwargs.n_features=12", "target.kwargs.d_mlp=4",
+             "target.kwargs.train_steps=50", "decomposition.modules.0.C=16", "decomposition.modules.1.C=16",
+             "train.batch_size=64"]  # fmt: skip
+    res = _short("resid_mlp2", *small)
+    for key in ("identity_ci_error/layers.*.mlp_in", "dense_ci_error/layers.*.mlp_out", "alive/layers.*.mlp_in",
+                "neuron_contrib_corr", "neuron_contrib_slope"):  # fmt: skip
+        assert f"gt/{key}" in res, key
+    assert 0 <= res["gt/alive/layers.*.mlp_in"] <= 32  # summed over both layers' 16 subcomponents
+
+
+def test_induction_ablation_scorer_runs():
+    res = _short("induction", "target.kwargs.train_steps=400", "target.kwargs.min_accuracy=0.0", "train.batch_size=32")
+    assert 0.0 <= res["gt/previous_token/accuracy_ablated"] <= 1.0
+    assert res["gt/induction/n_subcomponents"] <= 4 * 32
+    assert "gt/accuracy/target" in res

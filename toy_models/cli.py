@@ -1,0 +1,222 @@
+"""`spd toy ...`: train toy targets and reproduce the toy-model table.
+
+    spd toy list
+    spd toy train NAME [--seed S] [--out FILE]          train a target, save its state dict (safetensors)
+    spd toy reproduce [--toys NAME ...] [--seeds 0 1 2 3 4] [--quick] [--device cuda]
+                                                         decompose every toy for every seed; write
+                                                         figures/toy_results.md, its JSON and CI-pattern figures
+
+Unlike the toy models themselves this module drives the library (spd.config, spd.run); `spd` reaches it only
+through `spd toy`, by module name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spd import io
+from spd.config import load_config
+from spd.ground_truth import probe_cis
+from spd.run import decompose
+from spd.task import build_task
+from toy_models import TOYS
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOWN = ("mmcs/", "ml2r/", "identity_ci_error/", "dense_ci_error/", "alive/", "neuron_contrib_", "previous_token/acc",
+         "previous_token/n_sub", "induction/n_sub",
+         "induction/acc", "accuracy/target")  # fmt: skip
+
+
+def _toy(name: str) -> Any:
+    if name not in TOYS:
+        raise SystemExit(f"spd toy: unknown toy {name!r}; choose from: {', '.join(TOYS)}")
+    return TOYS[name]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for name, toy in TOYS.items():
+        print(f"{name:14s} {toy.description}  [configs/{toy.config}]")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    toy = _toy(args.name)
+    cfg = load_config(toy.config_path, args.set)
+    out = Path(args.out or f"targets/{args.name}-seed{args.seed}.safetensors")
+    if out.exists() and not args.force:
+        raise SystemExit(f"spd toy: {out} exists; pass --force to replace it or choose another --out")
+    t0 = time.perf_counter()
+    task = build_task(cfg.target.factory, cfg.target.kwargs, args.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    io.save_tensors(out, task.target.state_dict())
+    print(f"trained {args.name} (seed {args.seed}) in {time.perf_counter() - t0:.1f} s: {task.info}")
+    print(f"saved to {out}; decompose it with: spd train configs/{toy.config} --set target.state_file={out} "
+          f"--set seed={args.seed}")  # fmt: skip
+    return 0
+
+
+# ---- reproduce ---------------------------------------------------------------------------------------
+def _row(name: str, seed: int, results: dict[str, Any], wall: float) -> dict[str, Any]:
+    gt = {k[3:]: v for k, v in results.items() if k.startswith("gt/")}
+    row: dict[str, Any] = {"toy": name, "seed": seed, "passed": gt.get("passed"), "wall_s": round(wall, 1)}
+    row |= {k: (round(v, 4) if isinstance(v, float) else v) for k, v in gt.items() if k.startswith(SHOWN)}
+    row["ci_l0_total"] = round(results.get("ci_l0/total", float("nan")), 3)
+    row["failures"] = gt.get("failures", [])
+    return row
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}".rstrip("0").rstrip(".") if isinstance(v, float) else str(v)
+
+
+def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    lines = [
+        "# Toy models: ground-truth recovery",
+        "",
+        f"Written by `spd toy reproduce` ({meta['command']}) on {meta['device']}, torch {meta['torch']}, "
+        f"{meta['date']}. Total wall time {meta['total_wall_s'] / 60:.1f} min.",
+        "",
+        "| toy | seeds passed | paper | wall time per seed (s) |",
+        "|---|---|---|---|",
+    ]
+    by_toy: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_toy.setdefault(r["toy"], []).append(r)
+    for name, rs in by_toy.items():
+        walls = [r["wall_s"] for r in rs]
+        lines.append(f"| {name} | {sum(bool(r['passed']) for r in rs)} / {len(rs)} | {TOYS[name].paper} | "
+                     f"{min(walls):.0f}–{max(walls):.0f} |")  # fmt: skip
+    for name, rs in by_toy.items():
+        keys = [k for k in rs[0] if k not in ("toy", "failures")]
+        lines += ["", f"## {name}: {TOYS[name].description}", "", f"Config `configs/{TOYS[name].config}`"
+                  + (f", overrides `{' '.join(meta['overrides'][name])}`" if meta["overrides"].get(name) else "")
+                  + ".", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]  # fmt: skip
+        for r in rs:
+            lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+        fails = [f"seed {r['seed']}: " + "; ".join(r["failures"]) for r in rs if r["failures"]]
+        if fails:
+            lines += ["", "Failures:", *[f"- {f}" for f in fails]]
+        if (path.parent / "toy_ci" / f"{name}.png").exists():
+            lines += ["", f"![{name} CI patterns](toy_ci/{name}.png)"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_ci_patterns(run: Any, path: Path) -> bool:
+    """Probe CIs of every decomposed module (alive subcomponents only), one panel per module."""
+    gt = run.task.ground_truth
+    if gt is None or gt.probe_inputs is None:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ci = probe_cis(run.model, gt)
+    fig, axes = plt.subplots(1, len(ci), figsize=(3.2 * len(ci), 3.2), squeeze=False)
+    for ax, (name, g) in zip(axes[0], ci.items(), strict=True):
+        alive = (g > 0.1).any(0)
+        shown = g[:, alive]
+        order = shown.argmax(0).argsort(stable=True)  # columns sorted by the probe they fire on most
+        ax.imshow(shown[:, order].numpy(), vmin=0, vmax=1, cmap="Blues", aspect="auto", interpolation="nearest")
+        ax.set_title(f"{name}\n{int(alive.sum())} alive", fontsize=9)
+        ax.set_xlabel("subcomponent (alive, sorted)")
+        ax.set_ylabel("probe input")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    names = args.toys or list(TOYS)
+    for n in names:
+        _toy(n)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runs_root = Path(args.runs_dir or f"runs/reproduce-{time.strftime('%Y%m%d-%H%M%S')}")
+    if runs_root.exists():
+        raise SystemExit(f"spd toy: {runs_root} exists; choose another --runs-dir")
+    out_md = Path(args.out)
+    rows: list[dict[str, Any]] = []
+    overrides: dict[str, list[str]] = {}
+    t_all = time.perf_counter()
+    for name in names:
+        toy = TOYS[name]
+        overrides[name] = (toy.fast if args.quick else []) + list(args.set)
+        for seed in args.seeds:
+            cfg = load_config(toy.config_path, [*overrides[name], f"seed={seed}", f"train.device={device}"])
+            t0 = time.perf_counter()
+            run, results = decompose(cfg, runs_root / name / f"seed{seed}", progress=False)
+            row = _row(name, seed, results, time.perf_counter() - t0)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if seed == args.seeds[0]:
+                plot_ci_patterns(run, out_md.parent / "toy_ci" / f"{name}.png")
+    dev = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
+    meta = {
+        "command": "spd toy " + " ".join(args.argv),
+        "device": dev,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "total_wall_s": time.perf_counter() - t_all,
+        "overrides": overrides,
+        "runs_dir": str(runs_root),
+    }
+    out_json = out_md.with_suffix(".json")
+    if args.merge and out_json.is_file():  # keep the other toys' rows from an earlier reproduction
+        old = json.loads(out_json.read_text())
+        kept = [r for r in old["runs"] if r["toy"] not in names]
+        rows = kept + rows
+        meta["overrides"] = {k: v for k, v in old["meta"]["overrides"].items() if k not in names} | overrides
+        meta["total_wall_s"] += sum(r["wall_s"] for r in kept)
+        meta["command"] = "; ".join(dict.fromkeys([old["meta"]["command"], meta["command"]]))
+    write_markdown(out_md, rows, meta)
+    out_json.write_text(json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n")
+    print(f"wrote {out_md} ({sum(bool(r['passed']) for r in rows)} of {len(rows)} runs passed)")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spd toy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("list", help="list the toys").set_defaults(fn=cmd_list)
+    t = sub.add_parser("train", help="train a toy target and save it")
+    t.add_argument("name")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", help="safetensors file (default targets/NAME-seedS.safetensors)")
+    t.add_argument("--force", action="store_true", help="replace an existing file")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    t.set_defaults(fn=cmd_train)
+    r = sub.add_parser("reproduce", help="decompose every toy over seeds and write the results table")
+    r.add_argument("--toys", nargs="+", help=f"subset of: {', '.join(TOYS)}")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    r.add_argument("--quick", action="store_true", help="the reduced schedules of the test suite")
+    r.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every toy")
+    r.add_argument("--out", default=str(ROOT / "figures" / "toy_results.md"))
+    r.add_argument("--runs-dir", help="where the runs go (default runs/reproduce-<timestamp>)")
+    r.add_argument("--merge", action="store_true", help="keep other toys' rows of the existing table")
+    r.set_defaults(fn=cmd_reproduce)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    args.argv = argv
+    return int(args.fn(args))
