@@ -89,7 +89,8 @@ def ground_truth(model: TMS) -> GroundTruth:
         ],
         ci_patterns=patterns,
         expected_alive=alive,
-        criteria=Criteria(mmcs_min=0.999, ml2r_range=(0.97, 1.03), ci_error_max=0),
+        # ML2R: the paper reports 1.031 ± 0.001 on 40-10+ID, so the larger models get [0.97, 1.04]
+        criteria=Criteria(mmcs_min=0.999, ml2r_range=(0.97, 1.03 if n_features <= 5 else 1.04), ci_error_max=0),
         info={"n_features": n_features, "n_represented": len(rep)},
     )
 
