@@ -181,6 +181,16 @@ def concat_ci(ci: dict[str, Tensor], names: list[str]) -> tuple[Tensor, list[tup
     return torch.cat([ci[n].flatten(0, -2) for n in names], dim=-1), cols
 
 
+def pattern_rows(
+    probe_ci: dict[str, Tensor], key: str, truth: IdentityCI | DenseCI
+) -> tuple[Tensor, list[tuple[str, int]], list[str]]:
+    """The probe-CI rows a pattern is checked on ([probes, sum C] over its modules), each column's
+    (module, index), and the modules."""
+    names = matching(list(probe_ci), truth.modules or key)
+    ci, cols = concat_ci(probe_ci, names)
+    return (ci if truth.probes is None else ci[truth.probes]), cols, names
+
+
 def probe_cis(model: Any, gt: GroundTruth) -> dict[str, Tensor]:
     """Lower CIs on the ground truth's probe inputs, on the CPU; for sequence inputs, the last position."""
     device = next(model.parameters()).device
@@ -204,16 +214,14 @@ def mechanism_labels(
     probe_ci = probe_cis(model, gt) if probe_ci is None else probe_ci
     labels: dict[str, list[str | None]] = {n: [None] * v.shape[-1] for n, v in probe_ci.items()}
     for key, truth in gt.ci_patterns.items():
-        ci, cols = concat_ci(probe_ci, matching(list(probe_ci), truth.modules or key))
+        rows, cols, _ = pattern_rows(probe_ci, key, truth)
         if isinstance(truth, IdentityCI):
-            rows = ci[truth.probes]
             r, c = linear_sum_assignment(-rows.numpy())
             for i, j in zip(r, c, strict=True):
                 if rows[i, j] > 0.5:
                     n, k = cols[j]
                     labels[n][k] = f"{truth.label} {truth.probes[i]}"
         else:
-            rows = ci if truth.probes is None else ci[truth.probes]
             for j in rows.sum(0).argsort(descending=True)[: truth.k].tolist():
                 n, k = cols[j]
                 labels[n][k] = truth.mechanism
@@ -247,14 +255,11 @@ def score(
     if gt.ci_patterns:
         probe_ci = probe_cis(model, gt)
         for name, pattern in gt.ci_patterns.items():
-            names = matching(list(probe_ci), pattern.modules or name)
-            ci, _ = concat_ci(probe_ci, names)
+            rows, _, names = pattern_rows(probe_ci, name, pattern)
             err: Callable[[float], int]
             if isinstance(pattern, IdentityCI):
-                rows = ci[pattern.probes]
                 err, label = (lambda t, rows=rows: identity_ci_error(rows, t)), "identity_ci_error"
             else:
-                rows = ci if pattern.probes is None else ci[pattern.probes]
                 err, label = (lambda t, ci=rows, k=pattern.k: dense_ci_error(ci, k, t)), "dense_ci_error"
                 out[f"dense_ci_entries_below/{name}"] = dense_ci_entries_below(rows, pattern.k)
                 if len(names) == 1 and pattern.probes is None:  # the k should sum to the whole matrix

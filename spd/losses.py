@@ -215,13 +215,19 @@ class StepContext:
 
     model: ComponentModel
     x: Any
-    target_out: Tensor
-    acts: dict[str, Tensor]
+    clean: CleanPass  # the clean target pass on x (masked passes reuse it)
     ci: CausalImportances
     divergence: Callable[[Tensor, Tensor], Tensor]
     generator: torch.Generator | None
     frac: float  # step / total steps
-    clean: CleanPass | None = None  # the clean pass, for masked passes to reuse
+
+    @property
+    def target_out(self) -> Tensor:
+        return self.clean.output
+
+    @property
+    def acts(self) -> dict[str, Tensor]:
+        return self.clean.acts
 
 
 def _faith(ctx: StepContext, cfg: FaithfulnessConfig) -> Tensor:

@@ -160,8 +160,8 @@ class ComponentModel(nn.Module):
     # ---- forward passes -----------------------------------------------------------------------------
     def forward_with_cache(self, x: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Clean target pass; returns the output tensor and the input of every decomposed module."""
-        cache: dict[str, Tensor] = {}
-        return self(x, cache=cache), cache
+        clean = self.clean_pass(x)
+        return clean.output, clean.acts
 
     def clean_pass(self, x: Any) -> CleanPass:
         """Clean target pass recording each decomposed module's input and (if called once) output."""

@@ -84,7 +84,7 @@ def train_step(
         clean = model.clean_pass(x)
     clean.inner = model.inner_acts(clean.acts)  # with gradients: shared by the CI function and masked passes
     ci = model.ci_from_acts(clean.acts, clean.inner)
-    ctx = StepContext(model, x, clean.output, clean.acts, ci, DIVERGENCES[cfg.output_loss], gen, frac, clean)
+    ctx = StepContext(model, x, clean, ci, DIVERGENCES[cfg.output_loss], gen, frac)
     loss, terms = total_loss(ctx, list(cfg.losses))
     return loss, terms, ci.lower
 
