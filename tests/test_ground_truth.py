@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from spd.ground_truth import alive_counts, dense_ci_entries_below, dense_ci_error, identity_ci_error, mmcs_ml2r
+from spd.ground_truth import (
+    alive_counts,
+    dense_ci_entries_below,
+    dense_ci_error,
+    firing_density,
+    identity_ci_error,
+    mmcs_ml2r,
+)
 
 
 def test_identity_ci_error_is_permutation_invariant():
@@ -53,3 +60,7 @@ def test_alive_counts():
     b = {"m": torch.tensor([[0.11, 0.0, 0.0]])}
     assert alive_counts([a], 0.1) == {"m": 2}
     assert alive_counts([a, b], 0.1) == {"m": 3}
+    # densities over the 3 inputs: [1/3, 1/3, 1/3]; over 2 inputs of a: [0, 1/2, 1/2]
+    assert firing_density([a, b], 0.1)["m"].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+    assert alive_counts([a], 0.1, min_density=0.4) == {"m": 2}
+    assert alive_counts([a], 0.1, min_density=0.5) == {"m": 0}  # more than the fraction, not at least
