@@ -14,7 +14,9 @@ spd: stochastic parameter decomposition of trained networks.
 
   spd train CONFIG [--out DIR] [--set key.path=value ...]   decompose the target a YAML config names
   spd resume RUN_DIR                                        continue a crashed/stopped run from its last checkpoint
-  spd eval RUN_DIR [--json]                                 evaluate a run (ground-truth scores for toy targets)
+  spd eval RUN_DIR [--json]                                 evaluate a run (ground truth, adversarial, diagnostics)
+  spd sweep CONFIG --grid KEY=V1,V2 [--seeds N] [--jobs J]  run a grid of configs, each in its own directory
+  spd report RUN_DIR... [--out DIR]                         settled-window table and Pareto figure for runs
   spd toy list | train NAME | reproduce                     toy models with known ground truth (`spd toy -h`)
 
 Example (TMS 5-2 on the CPU, about a minute):
@@ -54,9 +56,15 @@ def _print_summary(results: dict[str, Any], path: Path | None) -> None:
         )
     )
     print(
-        f"recon MSE: stochastic {results['recon/stochastic_all']:.3g}, CI-masked {results['recon/ci']:.3g}, "
+        f"recon: stochastic {results['recon/stochastic_all']:.3g}, CI-masked {results['recon/ci']:.3g}, "
         f"unmasked {results['recon/ones']:.3g}, zero-ablated {results['recon/zeros']:.3g}"
     )
+    adv = {k: v for k, v in results.items() if k.startswith("recon/adversarial_") and isinstance(v, float)}
+    if adv:
+        print(
+            f"adversarial recon ({results['recon/adversarial_budget']}): "
+            + ", ".join(f"{k.removeprefix('recon/adversarial_')} {v:.3g}" for k, v in adv.items())
+        )
     if gt:
         print("ground truth:")
         for k, v in gt.items():
@@ -64,6 +72,10 @@ def _print_summary(results: dict[str, Any], path: Path | None) -> None:
                 print(f"  {k:36s} {v:.4f}" if isinstance(v, float) else f"  {k:36s} {v}")
         verdict = "PASS" if gt["passed"] else "FAIL: " + "; ".join(gt["failures"])
         print(f"ground-truth recovery: {verdict}")
+    diagnostics = results.get("diagnostics") or []
+    print("diagnostics: " + ("none fired" if not diagnostics else f"{len(diagnostics)} warning(s)"))
+    for d in diagnostics:
+        print(f"  WARNING {d}")
 
 
 def _default_out(config: str) -> Path:
@@ -107,6 +119,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from spd.sweep import sweep
+
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.config).stem}"
+    records = sweep(args.config, args.grid, out, args.seeds, args.jobs, args.set)
+    failed = [r["name"] for r in records if r["status"] != "done"]
+    print(f"sweep directory: {out}; compare with `spd report {out}/*/`")
+    if failed:
+        print(f"spd: error: {len(failed)} run(s) failed: {', '.join(map(str, failed))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from spd.report import collect, write_report
+
+    dirs = [Path(d) for d in args.run_dirs]
+    rows = [collect(d, args.window) for d in dirs if (d / "config.yaml").is_file() or not d.is_dir()]
+    if not rows:
+        print("spd: error: no run directories (with config.yaml) among the arguments", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(dirs[0]).parent / "report"
+    paths = write_report(rows, out, args.window)
+    print(paths["md"].read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def cmd_toy(args: argparse.Namespace) -> int:
     import importlib
 
@@ -146,6 +186,25 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.set_defaults(fn=cmd_eval)
+    s = sub.add_parser("sweep", help="run a grid of configs (sequentially or as parallel local processes)")
+    s.add_argument("config")
+    s.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2,...",
+        help="a config key and its values, e.g. losses.2.coeff=3e-7,1e-5,3e-4 (repeat for a product)",
+    )
+    s.add_argument("--seeds", type=int, help="also run seeds 0..N-1 of every grid point")
+    s.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cpu_count/jobs torch threads)")
+    s.add_argument("--out", help="sweep directory (default runs/sweep-<config>); finished runs in it are skipped")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    s.set_defaults(fn=cmd_sweep)
+    rp = sub.add_parser("report", help="compare runs: settled values, Pareto figure, table")
+    rp.add_argument("run_dirs", nargs="+")
+    rp.add_argument("--out", help="where report.md/.json/.png go (default: <parent of the first run>/report)")
+    rp.add_argument("--window", type=float, default=0.2, help="last fraction of steps averaged (default 0.2)")
+    rp.set_defaults(fn=cmd_report)
     t = sub.add_parser("toy", help="toy models: list, train NAME, reproduce", add_help=False)
     t.add_argument("toy_args", nargs=argparse.REMAINDER)
     t.set_defaults(fn=cmd_toy)
@@ -162,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.fn(args))
-    except (ConfigError, RunDirError, FileNotFoundError) as err:
+    except (ConfigError, RunDirError, FileNotFoundError, ValueError) as err:
         print(f"spd: error: {err}", file=sys.stderr)
         return 2
 

@@ -77,6 +77,13 @@ class TrainConfig(BaseConfig):
     keep_checkpoints: int = Field(2, ge=1)
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default)")
     device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'")
+    eval_every: int | None = Field(
+        None,
+        gt=0,
+        description="every this many steps, log a quick evaluation on one eval batch (CI-L0, stochastic and "
+        "adversarial reconstruction) as eval/... in metrics.jsonl: what `spd report` averages over a settled "
+        "window and what the convergence diagnostics read",
+    )
 
     @field_validator("device")
     @classmethod
@@ -90,10 +97,27 @@ class TrainConfig(BaseConfig):
         return str(dev)
 
 
+class AdversarialEvalConfig(BaseConfig):
+    """Fresh PGD masks shared across each eval batch; the budget is part of every reported key."""
+
+    n_steps: int = Field(20, ge=0, description="0 turns adversarial evaluation off")
+    step_size: float = Field(0.1, gt=0)
+    init: Literal["random", "ones", "zeros"] = "random"
+    routings: list[Literal["all", "layerwise", "subset"]] = ["all", "layerwise"]
+
+
 class EvalConfig(BaseConfig):
     batch_size: int = Field(4096, gt=0)
     n_batches: int = Field(4, gt=0)
     ci_threshold: float = Field(0.1, ge=0, le=1)
+    alive_min_density: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="a subcomponent is alive if CI > ci_threshold on more than this fraction of eval inputs "
+        "(0: on any input); runs with a value > 0 also report alive_ever/ (fired at least once)",
+    )
+    adversarial: AdversarialEvalConfig = AdversarialEvalConfig()
 
 
 class WandbConfig(BaseConfig):
@@ -114,8 +138,9 @@ class Config(BaseConfig):
     @model_validator(mode="after")
     def _needs_reconstruction(self) -> Config:
         names = {loss.name for loss in self.losses}
-        if not names & {"stochastic_recon", "ci_masked_recon"}:
-            raise ValueError("losses must include a reconstruction loss (stochastic_recon or ci_masked_recon)")
+        recon = {"stochastic_recon", "ci_masked_recon", "pgd_recon", "persistent_pgd_recon"}
+        if not names & recon:
+            raise ValueError(f"losses must include a reconstruction loss (one of {sorted(recon)})")
         return self
 
     def to_yaml(self) -> str:

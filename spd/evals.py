@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from spd.adversarial import Budget, attack
 from spd.config import EvalConfig
 from spd.ground_truth import GroundTruth, alive_counts, score
 from spd.losses import DIVERGENCES, faithfulness_per_module, masked_recon_loss
@@ -21,6 +22,58 @@ def ci_l0(ci: dict[str, torch.Tensor], threshold: float) -> dict[str, float]:
     return {n: (g > threshold).sum(-1).float().mean().item() for n, g in ci.items()}
 
 
+def ci_near_one(ci: dict[str, torch.Tensor], threshold: float, near: float = 0.9) -> dict[str, tuple[int, int]]:
+    """Per module, (#CI entries >= near, #CI entries > threshold): how much of the firing CI mass is decisive."""
+    return {n: (int((g >= near).sum()), int((g > threshold).sum())) for n, g in ci.items()}
+
+
+def adversarial_budget(cfg: EvalConfig) -> Budget:
+    a = cfg.adversarial
+    return Budget(a.n_steps, a.step_size, a.init, "shared")
+
+
+def batch_metrics(
+    model: ComponentModel, x: Any, cfg: EvalConfig, output_loss: str, mask_gen: torch.Generator, full: bool = True
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Reconstruction under every mask kind (only stochastic and adversarial unless `full`) and CI-L0 on one
+    batch; returns the metrics and the lower CIs."""
+    div = DIVERGENCES[output_loss]
+    target_out, acts = model.forward_with_cache(x)
+    ci = model.ci_from_acts(acts).lower
+    row: dict[str, float] = {}
+    if full:
+        for kind in ("ci", "rounded", "ones", "zeros", "random"):
+            masks = make_masks(ci, kind, threshold=cfg.ci_threshold, generator=mask_gen)
+            row[f"recon/{kind}"] = masked_recon_loss(model, x, target_out, masks, "all", div).item()
+    stoch = make_masks(ci, "stochastic", generator=mask_gen)
+    dm = delta_masks(ci, mask_gen) if model.delta_component else None
+    for routing in ("all", "layerwise"):
+        row[f"recon/stochastic_{routing}"] = masked_recon_loss(model, x, target_out, stoch, routing, div, dm).item()
+    budget = adversarial_budget(cfg)
+    if budget.n_steps > 0:
+        for routing in cfg.adversarial.routings:
+            loss = attack(model, x, target_out, ci, routing, div, budget, mask_gen)
+            row[f"recon/adversarial_{routing}@{budget.label}"] = loss.item()
+    row["recon/zero_output_baseline"] = div(torch.zeros_like(target_out), target_out).item()
+    for n, v in ci_l0(ci, cfg.ci_threshold).items():
+        row[f"ci_l0/{n}"] = v
+    row["ci_l0/total"] = sum(v for k, v in row.items() if k.startswith("ci_l0/"))
+    return row, ci
+
+
+@torch.no_grad()
+def quick_eval(
+    model: ComponentModel, sample_batch: BatchSampler, cfg: EvalConfig, output_loss: str, seed: int, step: int
+) -> dict[str, float]:
+    """One eval batch (fresh per call, seeded by the step): CI-L0, stochastic and adversarial reconstruction."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET + step)
+    mask_gen = torch.Generator(device=device).manual_seed(seed + EVAL_SEED_OFFSET + step)
+    x = to_device(sample_batch(cfg.batch_size, gen), device)
+    row, _ = batch_metrics(model, x, cfg, output_loss, mask_gen, full=False)
+    return row
+
+
 @torch.no_grad()
 def evaluate(
     model: ComponentModel,
@@ -30,37 +83,38 @@ def evaluate(
     seed: int = 0,
     ground_truth: GroundTruth | None = None,
 ) -> dict[str, Any]:
-    """Faithfulness, CI-L0, alive counts, reconstruction under every mask kind, and ground-truth scores."""
+    """Faithfulness, CI-L0, alive counts, reconstruction under every mask kind (adversarial included, its
+    budget in the key), how decisive the CIs are, and ground-truth scores."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)  # data (CPU)
     mask_gen = torch.Generator(device=device).manual_seed(seed + EVAL_SEED_OFFSET)
-    div = DIVERGENCES[output_loss]
     sums: dict[str, float] = {}
     data_ci = []
     for _ in range(cfg.n_batches):
         x = to_device(sample_batch(cfg.batch_size, gen), device)
-        target_out, acts = model.forward_with_cache(x)
-        ci = model.ci_from_acts(acts).lower
+        row, ci = batch_metrics(model, x, cfg, output_loss, mask_gen)
         data_ci.append(ci)
-        row: dict[str, float] = {}
-        for kind in ("ci", "rounded", "ones", "zeros", "random"):
-            masks = make_masks(ci, kind, threshold=cfg.ci_threshold, generator=mask_gen)
-            row[f"recon/{kind}"] = masked_recon_loss(model, x, target_out, masks, "all", div).item()
-        stoch = make_masks(ci, "stochastic", generator=mask_gen)
-        dm = delta_masks(ci, mask_gen) if model.delta_component else None
-        for routing in ("all", "layerwise"):
-            row[f"recon/stochastic_{routing}"] = masked_recon_loss(model, x, target_out, stoch, routing, div, dm).item()
-        row["recon/zero_output_baseline"] = div(torch.zeros_like(target_out), target_out).item()
-        for n, v in ci_l0(ci, cfg.ci_threshold).items():
-            row[f"ci_l0/{n}"] = v
         for k, v in row.items():
             sums[k] = sums.get(k, 0.0) + v / cfg.n_batches
     out: dict[str, Any] = dict(sums)
-    out["ci_l0/total"] = sum(v for k, v in sums.items() if k.startswith("ci_l0/"))
+    if cfg.adversarial.n_steps > 0:
+        out["recon/adversarial_budget"] = adversarial_budget(cfg).describe()
+    near: dict[str, list[int]] = {}
+    for ci in data_ci:
+        for n, (hi, firing) in ci_near_one(ci, cfg.ci_threshold).items():
+            acc = near.setdefault(n, [0, 0])
+            acc[0], acc[1] = acc[0] + hi, acc[1] + firing
+    for n, (hi, firing) in near.items():
+        out[f"ci_near_one/{n}"] = hi / firing if firing else 0.0  # share of firing CIs that are >= 0.9
+        out[f"ci_firing/{n}"] = firing
     for n, (mse, rel) in faithfulness_per_module(model).items():
         out[f"faithfulness/{n}"], out[f"faithfulness_rel/{n}"] = mse, rel
-    for n, v in alive_counts(data_ci, cfg.ci_threshold).items():
+    for n, v in alive_counts(data_ci, cfg.ci_threshold, cfg.alive_min_density).items():
         out[f"alive/{n}"] = v
+    if cfg.alive_min_density > 0:
+        for n, v in alive_counts(data_ci, cfg.ci_threshold).items():
+            out[f"alive_ever/{n}"] = v
     if ground_truth is not None:
-        out |= {f"gt/{k}": v for k, v in score(model, ground_truth, data_ci, cfg.ci_threshold).items()}
+        gt = score(model, ground_truth, data_ci, cfg.ci_threshold, cfg.alive_min_density)
+        out |= {f"gt/{k}": v for k, v in gt.items()}
     return out

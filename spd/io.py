@@ -87,7 +87,7 @@ def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, Tensor],
 
 def save_checkpoint(
     run_dir: Path, step: int, model_state: dict[str, Tensor], opt: torch.optim.Optimizer,
-    generators: dict[str, torch.Generator], keep: int,
+    generators: dict[str, torch.Generator], keep: int, adversaries: dict[int, Any] | None = None,
 ) -> Path:  # fmt: skip
     ckpts = run_dir / CKPTS
     final = ckpts / f"step_{step:07d}"
@@ -97,6 +97,8 @@ def save_checkpoint(
     opt_tensors, opt_meta = _optimizer_to_flat(opt)
     tensors = {f"model.{k}": v for k, v in model_state.items()} | opt_tensors
     tensors |= {f"rng.{k}": g.get_state() for k, g in generators.items()}
+    for i, adv in (adversaries or {}).items():  # persistent adversarial masks (losses.i), with their optimiser state
+        tensors |= {f"adversary.{i}.{k}": v for k, v in adv.state_dict().items()}
     save_tensors(tmp / "state.safetensors", tensors)
     write_json(tmp / "state.json", {"step": step, "optimizer": opt_meta})
     shutil.rmtree(final, ignore_errors=True)
@@ -124,9 +126,16 @@ def checkpoint_model_state(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, generators: dict[str, torch.Generator]
-) -> int:
+    path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, generators: dict[str, torch.Generator],
+    adversaries: dict[int, Any] | None = None,
+) -> int:  # fmt: skip
     tensors = load_tensors(path / "state.safetensors")
+    for i, adv in (adversaries or {}).items():
+        prefix = f"adversary.{i}."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(f"{path} holds no state for the persistent adversary of losses.{i}")
+        adv.load_state_dict(state)
     meta = json.loads((path / "state.json").read_text())
     load_model_state(model, checkpoint_model_state(tensors), path)
     _optimizer_from_flat(opt, tensors, meta["optimizer"])

@@ -7,7 +7,7 @@ Literal) and add both to LOSSES and LossConfig.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import torch
@@ -16,6 +16,7 @@ from jaxtyping import Float
 from pydantic import Field
 from torch import Tensor
 
+from spd.adversarial import Budget, Init, PersistentAdversary, Scope, attack
 from spd.base_config import BaseConfig
 from spd.masks import Routing, Sampling, delta_masks, stochastic_masks, subset_routes
 from spd.model import CausalImportances, CleanPass, ComponentModel
@@ -78,6 +79,26 @@ def importance_minimality_loss(
             layer = layer + beta * (m * torch.log2(1 + gp.sum(0))).sum()
         total = total + layer
     return total
+
+
+def smooth_l0_loss(ci_upper: dict[str, Float[Tensor, "... C"]], width: float) -> Tensor:
+    """sum over modules and subcomponents of mean_batch g / (g + width): a smooth count of important
+    subcomponents per input that approaches L0 as width -> 0 (anneal it with `annealed_width`)."""
+    total: Tensor = torch.zeros(())
+    for g in ci_upper.values():
+        g = g.clamp_min(0.0).flatten(0, -2)
+        total = total + (g / (g + width)).mean(0).sum()
+    return total
+
+
+def annealed_width(width: float, final: float | None, start_frac: float, end_frac: float, frac: float) -> float:
+    """Geometric anneal of the smooth-L0 width from `width` to `final` between start_frac and end_frac."""
+    if final is None or frac <= start_frac:
+        return width
+    if frac >= end_frac:
+        return final
+    t = (frac - start_frac) / (end_frac - start_frac)
+    return width ** (1 - t) * final**t
 
 
 def annealed_p(p: float, p_final: float | None, start_frac: float, end_frac: float, frac: float) -> float:
@@ -189,6 +210,40 @@ class StochasticReconConfig(_LossBase):
     sampling: Sampling = "continuous"
 
 
+class PGDReconConfig(_LossBase):
+    """Reconstruction under fresh adversarial masks (spd.adversarial), found anew every step."""
+
+    name: Literal["pgd_recon"]
+    routing: Routing = "all"
+    n_steps: int = Field(1, ge=1)
+    step_size: float = Field(1.0, gt=0.0)
+    init: Init = "random"
+    scope: Scope = "shared"
+
+
+class PersistentPGDReconConfig(_LossBase):
+    """Reconstruction under adversarial masks shared across the batch that persist across training steps,
+    moved uphill once per step (`update`: sign step of size lr, or Adam ascent with lr and betas)."""
+
+    name: Literal["persistent_pgd_recon"]
+    routing: Routing = "all"
+    update: Literal["sign", "adam"] = "sign"
+    lr: float = Field(0.1, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    init: Init = "random"
+
+
+class SmoothL0Config(_LossBase):
+    """Importance minimality as a smooth L0, sum_c g / (g + width), whose width anneals (geometrically) from
+    `width` to `width_final` between the anneal fractions of training, sharpening towards a true count."""
+
+    name: Literal["smooth_l0"]
+    width: float = Field(0.1, gt=0.0)
+    width_final: float | None = Field(None, gt=0.0)
+    anneal_start: float = Field(0.0, ge=0.0, le=1.0)
+    anneal_end: float = Field(1.0, ge=0.0, le=1.0)
+
+
 class CIMaskedReconConfig(_LossBase):
     name: Literal["ci_masked_recon"]
     routing: Routing = "all"
@@ -204,7 +259,10 @@ LossConfig = Annotated[
     | ImportanceMinimalityConfig
     | StochasticReconConfig
     | CIMaskedReconConfig
-    | HiddenActsReconConfig,
+    | HiddenActsReconConfig
+    | PGDReconConfig
+    | PersistentPGDReconConfig
+    | SmoothL0Config,
     Field(discriminator="name"),
 ]
 
@@ -220,6 +278,7 @@ class StepContext:
     divergence: Callable[[Tensor, Tensor], Tensor]
     generator: torch.Generator | None
     frac: float  # step / total steps
+    adversaries: dict[int, PersistentAdversary] = field(default_factory=dict)  # id(loss config) -> state
 
     @property
     def target_out(self) -> Tensor:
@@ -252,6 +311,27 @@ def _ci_masked(ctx: StepContext, cfg: CIMaskedReconConfig) -> Tensor:
     )
 
 
+def _l0(ctx: StepContext, cfg: SmoothL0Config) -> Tensor:
+    width = annealed_width(cfg.width, cfg.width_final, cfg.anneal_start, cfg.anneal_end, ctx.frac)
+    return smooth_l0_loss(ctx.ci.upper, width)
+
+
+def _pgd(ctx: StepContext, cfg: PGDReconConfig) -> Tensor:
+    budget = Budget(cfg.n_steps, cfg.step_size, cfg.init, cfg.scope)
+    return attack(
+        ctx.model, ctx.x, ctx.target_out, ctx.ci.lower, cfg.routing, ctx.divergence, budget, ctx.generator, ctx.clean
+    )
+
+
+def _persistent_pgd(ctx: StepContext, cfg: PersistentPGDReconConfig) -> Tensor:
+    if id(cfg) not in ctx.adversaries:
+        raise RuntimeError("persistent_pgd_recon needs the trainer's PersistentAdversary (StepContext.adversaries)")
+    masks, dm = ctx.adversaries[id(cfg)].masks(ctx.ci.lower)
+    return masked_recon_loss(
+        ctx.model, ctx.x, ctx.target_out, masks, cfg.routing, ctx.divergence, dm, ctx.generator, ctx.clean
+    )
+
+
 def _hidden(ctx: StepContext, cfg: HiddenActsReconConfig) -> Tensor:
     return hidden_acts_recon_loss(ctx.model, ctx.x, ctx.acts, ctx.ci.lower, cfg.sampling, ctx.generator)
 
@@ -262,6 +342,9 @@ LOSSES: dict[str, Callable[[StepContext, Any], Tensor]] = {
     "stochastic_recon": _stoch,
     "ci_masked_recon": _ci_masked,
     "hidden_acts_recon": _hidden,
+    "pgd_recon": _pgd,
+    "persistent_pgd_recon": _persistent_pgd,
+    "smooth_l0": _l0,
 }
 
 

@@ -12,8 +12,9 @@ import torch
 from spd import io
 from spd.base_config import ConfigError
 from spd.config import Config, load_config
+from spd.diagnostics import Diagnostic, diagnose
 from spd.evals import evaluate
-from spd.log import MetricsLog, truncate_after
+from spd.log import MetricsLog, read_metrics, truncate_after
 from spd.model import ComponentModel
 from spd.task import Task, build_task
 from spd.train import train
@@ -27,10 +28,20 @@ class Run:
     task: Task
     model: ComponentModel
     path: Path | None = None
+    checkpoint_step: int | None = None  # set when loaded from a checkpoint of an unfinished run
 
     def evaluate(self) -> dict[str, Any]:
+        """Evaluation results plus `diagnostics`: warnings (strings) about this run, empty when none fire."""
         c = self.config
-        return evaluate(self.model, self.task.sample_batch, c.eval, c.output_loss, c.seed, self.task.ground_truth)
+        results = evaluate(self.model, self.task.sample_batch, c.eval, c.output_loss, c.seed, self.task.ground_truth)
+        return results | {"diagnostics": [str(d) for d in self.diagnose(results)]}
+
+    def diagnose(self, results: dict[str, Any]) -> list[Diagnostic]:
+        history = read_metrics(self.path / io.METRICS) if self.path is not None else []
+        m = self.model
+        shapes = {n: (m.Cs[n], m.comp(n).d_in, m.comp(n).d_out) for n in m.module_names}
+        c = self.config
+        return diagnose(results, history, c.train.steps, shapes, c.eval.ci_threshold, self.checkpoint_step)
 
 
 def build_model(cfg: Config, task: Task, device: str | None = None) -> ComponentModel:
@@ -101,6 +112,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     """Load a finished run (or its last checkpoint if it has no final model) without network or pickle."""
     path = Path(run_dir)
     cfg, task, model = _load_parts(path, device)
+    step = None
     if (path / io.MODEL).is_file():
         state, source = io.load_tensors(path / io.MODEL), path / io.MODEL
     else:
@@ -108,5 +120,6 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
         if ckpt is None:
             raise FileNotFoundError(f"run {str(path)!r} has neither {io.MODEL} nor a checkpoint")
         state, source = io.checkpoint_model_state(io.load_tensors(ckpt / "state.safetensors")), ckpt
+        step = int(ckpt.name.split("_")[1])
     io.load_model_state(model, state, source)
-    return Run(cfg, task, model, path)
+    return Run(cfg, task, model, path, step)

@@ -11,7 +11,9 @@ import torch
 from tqdm.auto import tqdm
 
 from spd import io
+from spd.adversarial import PersistentAdversary
 from spd.config import Config, LRConfig, WarmupConfig
+from spd.evals import quick_eval
 from spd.losses import DIVERGENCES, StepContext, faithfulness_loss, total_loss
 from spd.model import ComponentModel
 from spd.task import BatchSampler, to_device
@@ -76,15 +78,31 @@ def build_optimizer(model: ComponentModel, cfg: Config) -> torch.optim.Optimizer
     return torch.optim.AdamW(params, lr=cfg.train.lr.peak, weight_decay=0.0, foreach=True)
 
 
+def build_adversaries(model: ComponentModel, cfg: Config, generator: torch.Generator) -> dict[int, PersistentAdversary]:
+    """Persistent adversarial masks for every persistent_pgd_recon loss, keyed by its position in cfg.losses."""
+    device = next(model.parameters()).device
+    return {
+        i: PersistentAdversary(model.Cs, model.delta_component, c.update, c.lr, c.betas, c.init, device, generator)
+        for i, c in enumerate(cfg.losses)
+        if c.name == "persistent_pgd_recon"
+    }
+
+
 def train_step(
-    model: ComponentModel, x: Any, cfg: Config, gen: torch.Generator, frac: float
+    model: ComponentModel,
+    x: Any,
+    cfg: Config,
+    gen: torch.Generator,
+    frac: float,
+    adversaries: dict[int, PersistentAdversary] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One forward of all configured losses; returns (total, terms, lower CIs)."""
     with torch.no_grad():
         clean = model.clean_pass(x)
     clean.inner = model.inner_acts(clean.acts)  # with gradients: shared by the CI function and masked passes
     ci = model.ci_from_acts(clean.acts, clean.inner)
-    ctx = StepContext(model, x, clean, ci, DIVERGENCES[cfg.output_loss], gen, frac)
+    by_cfg = {id(cfg.losses[i]): a for i, a in (adversaries or {}).items()}
+    ctx = StepContext(model, x, clean, ci, DIVERGENCES[cfg.output_loss], gen, frac, by_cfg)
     loss, terms = total_loss(ctx, list(cfg.losses))
     return loss, terms, ci.lower
 
@@ -113,10 +131,11 @@ def train(
     mask_gen = torch.Generator(device=device).manual_seed(cfg.seed + MASK_SEED_OFFSET)
     gens = {"data": data_gen, "mask": mask_gen}
     opt = build_optimizer(model, cfg)
+    adversaries = build_adversaries(model, cfg, mask_gen)
     start = 0
     ckpt = io.latest_checkpoint(run_dir) if (resume and run_dir is not None) else None
     if ckpt is not None:
-        start = io.load_checkpoint(ckpt, model, opt, gens) + 1
+        start = io.load_checkpoint(ckpt, model, opt, gens, adversaries) + 1
     else:
         warm = faithfulness_warmup(model, tc.faithfulness_warmup)
         if log is not None:
@@ -138,13 +157,18 @@ def train(
             group["lr"] = lr
         x = to_device(sample_batch(tc.batch_size, data_gen), device)
         with autocast:
-            loss, terms, ci_lower = train_step(model, x, cfg, mask_gen, step / tc.steps)
+            loss, terms, ci_lower = train_step(model, x, cfg, mask_gen, step / tc.steps, adversaries)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip)
         opt.step()
+        for adv in adversaries.values():
+            adv.step()  # ascent on the masks, from the gradient the backward pass just left on them
         last = step == tc.steps - 1
+        if log is not None and tc.eval_every is not None and (step % tc.eval_every == 0 or last):
+            row = quick_eval(model, sample_batch, cfg.eval, cfg.output_loss, cfg.seed, step)
+            log(step, {f"eval/{k}": v for k, v in row.items()})
         if step % tc.log_every == 0 or last:
             row = {f"loss/{k}": float(v) for k, v in terms.items()} | {"lr": lr}
             row |= {
@@ -155,6 +179,6 @@ def train(
             if log is not None:
                 log(step, row)
         if run_dir is not None and ((step + 1) % tc.checkpoint_every == 0 or last):
-            io.save_checkpoint(run_dir, step, model.trainable_state_dict(), opt, gens, tc.keep_checkpoints)
+            io.save_checkpoint(run_dir, step, model.trainable_state_dict(), opt, gens, tc.keep_checkpoints, adversaries)
     bar.close()
     return model

@@ -5,9 +5,18 @@ spd.ci is left out: its networks are torch.compile'd, and dynamo cannot trace th
 
 from jaxtyping import install_import_hook
 
-CHECKED = ["spd.components", "spd.ground_truth", "spd.losses", "spd.masks", "spd.model", "spd.sigmoids"]
+CHECKED = [
+    "spd.adversarial",
+    "spd.components",
+    "spd.ground_truth",
+    "spd.losses",
+    "spd.masks",
+    "spd.model",
+    "spd.sigmoids",
+]
 
 with install_import_hook(CHECKED, "beartype.beartype"):
+    import spd.adversarial  # noqa: F401
     import spd.components  # noqa: F401
     import spd.ground_truth  # noqa: F401
     import spd.losses  # noqa: F401

@@ -45,8 +45,18 @@ class Crash(RuntimeError):
     pass
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
-    cfg = load_config(tiny_tms_config())
+ADVERSARIAL_LOSSES = [
+    {"name": "pgd_recon", "coeff": 1.0, "routing": "layerwise", "n_steps": 2, "step_size": 0.5},
+    {"name": "persistent_pgd_recon", "coeff": 1.0, "update": "adam", "lr": 0.05},
+]
+
+
+@pytest.mark.parametrize("extra_losses", [[], ADVERSARIAL_LOSSES], ids=["stochastic", "adversarial"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, extra_losses):
+    """Including the persistent adversary's masks and Adam state, which live in the checkpoint."""
+    raw = tiny_tms_config()
+    raw["losses"] += extra_losses
+    cfg = load_config(raw)
     full, _ = decompose(cfg, tmp_path / "full", progress=False)
 
     # Crash at step 17 (after the checkpoint at step 9, before the one at step 19).
@@ -79,6 +89,9 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if extra_losses:
+        state = io.load_tensors(io.latest_checkpoint(tmp_path / "crashed") / "state.safetensors")
+        assert any(k.startswith("adversary.") and ".s." in k for k in state)
     steps = [row["step"] for row in map(json.loads, (tmp_path / "crashed" / io.METRICS).read_text().splitlines())]
     assert steps == sorted(steps)  # rows logged after the checkpoint by the crashed run were dropped
 

@@ -1,0 +1,123 @@
+"""Diagnostics fire with their numbers on hand-built evaluations and histories, and stay silent on a good one."""
+
+import pytest
+
+from spd.diagnostics import diagnose, trend
+
+SHAPES = {"a": (20, 5, 2), "b": (20, 2, 5)}  # (C, d_in, d_out): rank 2 each
+
+
+def good_results(**over):
+    r = {
+        "recon/stochastic_all": 1e-4, "recon/zero_output_baseline": 1e-2,
+        "ci_near_one/a": 0.9, "ci_near_one/b": 0.85, "ci_l0/a": 0.3, "ci_l0/b": 0.3, "ci_l0/total": 0.6,
+        "alive/a": 5, "alive/b": 5, "faithfulness_rel/a": 0.02, "faithfulness_rel/b": 0.03,
+    }  # fmt: skip
+    return r | over
+
+
+def history(n=100, l0=lambda s: 0.6, recon=lambda s: 1e-4, adv=None):
+    rows = []
+    for s in range(0, n, 5):
+        rows.append(
+            {"step": s, "loss/stochastic_recon": recon(s), "train_ci_l0/a": l0(s) / 2, "train_ci_l0/b": l0(s) / 2}
+        )
+        if adv is not None:
+            rows.append({"step": s, "eval/recon/adversarial_all@20x0.1": adv(s)})
+    rows.append(
+        {"step": n - 1, "loss/stochastic_recon": recon(n - 1), "train_ci_l0/a": l0(n) / 2, "train_ci_l0/b": l0(n) / 2}
+    )
+    return rows
+
+
+def kinds(diags):
+    return sorted({d.kind for d in diags})
+
+
+def test_silent_on_a_good_run():
+    assert diagnose(good_results(), history(adv=lambda s: 1e-3), 100, SHAPES, 0.1) == []
+
+
+def test_collapse_needs_indecisive_cis_and_poor_or_rising_reconstruction():
+    r = good_results(**{"ci_near_one/a": 0.2, "recon/stochastic_all": 2e-3})  # 20% of the baseline
+    d = diagnose(r, history(), 100, SHAPES, 0.1)
+    assert kinds(d) == ["collapse"] and d[0].module == "a"
+    assert "20.0% of the CIs" in d[0].message and "20.0% of the zero-output baseline" in d[0].message
+    # indecisive CIs alone (reconstruction fine and flat) are not a collapse
+    assert diagnose(good_results(**{"ci_near_one/a": 0.2}), history(), 100, SHAPES, 0.1) == []
+    # ... but rising reconstruction is: best 1e-4 early, settled at 5e-4
+    rising = history(recon=lambda s: 1e-4 if s < 50 else 5e-4)
+    d = diagnose(good_results(**{"ci_near_one/a": 0.2}), rising, 100, SHAPES, 0.1)
+    assert kinds(d) == ["collapse"] and "5.0x its best value" in d[0].message
+
+
+def test_too_dense_dead_and_capacity():
+    d = diagnose(good_results(**{"ci_l0/a": 1.5}), history(), 100, SHAPES, 0.1)
+    assert kinds(d) == ["too_dense"] and "CI-L0 1.50" in d[0].message and "rank 2" in d[0].message
+    d = diagnose(good_results(**{"alive/b": 0}), history(), 100, SHAPES, 0.1)
+    assert kinds(d) == ["dead"] and "all 20 subcomponents of b" in d[0].message and "0.1" in d[0].message
+    d = diagnose(good_results(**{"alive/b": 20}), history(), 100, SHAPES, 0.1)
+    assert kinds(d) == ["capacity"]
+
+
+def test_unconverged_by_trend_and_by_early_stop():
+    d = diagnose(good_results(), history(l0=lambda s: 3.0 - s / 50), 100, SHAPES, 0.1)
+    assert kinds(d) == ["unconverged"] and "CI-L0 still moving" in d[0].message
+    d = diagnose(good_results(), history(adv=lambda s: 1e-3 * 2 ** (s / 10)), 100, SHAPES, 0.1)
+    assert kinds(d) == ["unconverged"] and "adversarial_all@20x0.1 still moving" in d[0].message
+    d = diagnose(good_results(), history(n=10), 1000, SHAPES, 0.1)
+    assert kinds(d) == ["unconverged"] and "stopped at step 9 of 1000" in d[0].message
+
+
+def test_faithfulness_outlier():
+    d = diagnose(good_results(**{"faithfulness_rel/b": 0.8}), history(), 100, SHAPES, 0.1)
+    assert kinds(d) == ["faithfulness"] and d[0].module == "b" and "0.8" in d[0].message
+    # large but uniform errors (inputs confined to a subspace) are not outliers
+    assert diagnose(good_results(**{"faithfulness_rel/a": 0.6, "faithfulness_rel/b": 0.9}), history(), 100, SHAPES,
+                    0.1) == []  # fmt: skip
+
+
+def test_trend_by_hand():
+    assert trend([0, 1, 2], [1.0, 1.0, 1.0]) == pytest.approx(0.0, abs=1e-12)
+    assert trend([0, 10], [1.0, 2.0]) == pytest.approx(1 / 1.5)
+
+
+# ---- end to end: deliberately broken tiny TMS 5-2 runs --------------------------------------------------------
+def _tms(tmp_path, name, *overrides):
+    from spd.config import load_config
+    from spd.run import decompose
+    from toy_models import TOYS
+
+    toy = TOYS["tms_5-2"]
+    cfg = load_config(toy.config_path, [*toy.fast, "train.log_every=20", "train.compile=false", *overrides])
+    return decompose(cfg, tmp_path / name, progress=False)[1]
+
+
+def test_diagnostics_on_real_tiny_runs(tmp_path, monkeypatch):
+    good = _tms(tmp_path, "good")
+    assert good["gt/passed"] and good["diagnostics"] == []
+
+    strong = _tms(tmp_path, "x1000", "losses.2.coeff=3.0", "train.steps=1000")  # 1000x the importance coefficient
+    assert {"collapse", "dead"} <= {d.split("]")[0][1:] for d in strong["diagnostics"]}, strong["diagnostics"]
+
+    none = _tms(tmp_path, "zero", "losses.2.coeff=0.0", "train.steps=1000")  # no importance minimality at all
+    assert "too_dense" in {d.split("]")[0][1:] for d in none["diagnostics"]}, none["diagnostics"]
+
+    # a run that crashed after 1% of its 4000 steps, evaluated from its last checkpoint
+    import spd.train as train_mod
+    from spd.run import load_run
+
+    real_step, calls = train_mod.train_step, {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _tms(tmp_path, "crashed", "train.checkpoint_every=40")
+    diags = load_run(tmp_path / "crashed").evaluate()["diagnostics"]
+    assert any("stopped at step 39 of 4000 (1.0%); evaluated from its last checkpoint" in d for d in diags), diags
+    assert any(d.startswith("[unconverged] CI-L0 still moving") for d in diags), diags
