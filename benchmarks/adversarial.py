@@ -66,7 +66,11 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     adv_keys = sorted({k for r in rows for k in r if k.startswith("recon/adversarial_")})
     print(f"\nbudget: {rows[0]['budget']}\n")
-    print("| variant | seed | CI-L0 total | stochastic (all) | " + " | ".join(k[15:] for k in adv_keys) + " | GT |")
+    print(
+        "| variant | seed | CI-L0 total | stochastic (all) | "
+        + " | ".join(k.removeprefix("recon/adversarial_") for k in adv_keys)
+        + " | GT |"
+    )
     print("|---|---|---|---|" + "---|" * len(adv_keys) + "---|")
     for r in rows:
         adv = " | ".join(f"{r.get(k, float('nan')):.3g}" for k in adv_keys)

@@ -7,8 +7,9 @@ the configured step count and the decomposed matrices' shapes. Rules (thresholds
   is poor (stochastic recon a sizeable share of the zero-output baseline) or has risen from its best value;
 - too_dense: CI-L0 of a module is at least half the rank of its weight matrix (no sparser than the matrix itself);
 - dead: no subcomponent of a module is alive; capacity: all are alive (C may be too small to hold every mechanism);
-- unconverged: CI-L0 (training log) or adversarial reconstruction (periodic evals) still trends over the last
-  window of training, or the run stopped before its last step;
+- unconverged: CI-L0 (training log) or adversarial reconstruction (periodic evals; judged with >= 5 of them in
+  the window and a slope > 3 standard errors, since each is one noisy batch) still trends over the last window of
+  training, or the run stopped before its last step;
 - faithfulness: one matrix's relative error ||W - sum of subcomponents|| / ||W|| far above the other matrices'.
 """
 
@@ -30,6 +31,8 @@ class Thresholds:
     window: float = 0.2  # unconverged: last fraction of the steps
     l0_trend_max: float = 0.1  # unconverged: |relative change of CI-L0 over the window|
     adv_trend_max: float = 0.25  # unconverged: |relative change of adversarial recon over the window|
+    adv_min_points: int = 5  # ... judged only with this many periodic evals in the window (one batch each: noisy)
+    adv_t_min: float = 3.0  # ... and only when the slope is this many standard errors from 0
     min_points: int = 3
     faith_ratio: float = 10.0  # faithfulness: error / median of the other matrices'
     faith_min: float = 0.1  # ... and at least this relative error
@@ -57,6 +60,17 @@ def trend(steps: list[float], values: list[float]) -> float:
         return 0.0
     slope = np.polyfit(s, v, 1)[0]
     return float(slope * (s.max() - s.min()) / max(abs(v.mean()), 1e-12))
+
+
+def slope_t(steps: list[float], values: list[float]) -> float:
+    """t statistic of a least-squares slope (slope / its standard error); inf for a perfect line."""
+    s, v = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+    if len(s) < 3 or s.max() == s.min():
+        return 0.0
+    slope, icept = np.polyfit(s, v, 1)
+    resid = v - (slope * s + icept)
+    se = np.sqrt(resid.var() * len(s) / (len(s) - 2) / ((s - s.mean()) ** 2).sum())
+    return float("inf") if se == 0 else float(abs(slope) / se)
 
 
 def _window(history: list[dict[str, Any]], key: Any, frac: float, min_points: int) -> tuple[list[float], list[float]]:
@@ -155,10 +169,10 @@ def diagnose(
             ))  # fmt: skip
     adv_keys = sorted({k for r in history for k in r if k.startswith("eval/recon/adversarial_all")})
     for key in adv_keys:
-        s, v = _window(history, lambda r, key=key: r.get(key), th.window, th.min_points)
-        if len(v) >= th.min_points:
+        s, v = _window(history, lambda r, key=key: r.get(key), th.window, th.adv_min_points)
+        if len(v) >= th.adv_min_points:
             t = trend(s, v)
-            if abs(t) > th.adv_trend_max:
+            if abs(t) > th.adv_trend_max and slope_t(s, v) > th.adv_t_min:
                 out.append(Diagnostic(
                     "unconverged", f"{key[5:]} still moving: {t:+.0%} over steps {s[0]}-{s[-1]}",
                     None, {"adv_trend": t},

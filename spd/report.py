@@ -46,6 +46,7 @@ def collect(run_dir: Path, window: float = 0.2) -> dict[str, Any]:
     adv_keys = sorted({k for r in history for k in r if k.startswith("eval/recon/adversarial_all@")})
     adv_keys = adv_keys or [f"eval/{k}" for k in final if k.startswith("recon/adversarial_all@")]
     row: dict[str, Any] = {"run": str(run_dir), "config": _flatten(cfg), "output_loss": cfg.get("output_loss", "mse")}
+    row["losses"] = [_loss_label(loss) for loss in cfg.get("losses", [])]
     for name, key in (("ci_l0", "eval/ci_l0/total"), ("stochastic", "eval/recon/stochastic_all")):
         row[name], row[f"{name}_n"] = settled(history, key, window)
     if adv_keys:
@@ -70,13 +71,30 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _loss_label(loss: dict[str, Any]) -> str:
+    routing = loss.get("routing")
+    return loss.get("name", "?") + (f"/{routing}" if routing not in (None, "all") else "")
+
+
 def varying(rows: list[dict[str, Any]]) -> list[str]:
+    """Config keys whose values differ between the runs. When the runs' loss lists differ, per-loss keys
+    (losses.i.*) are not comparable by position: the pseudo-key `losses` (the extra losses) stands for them."""
     keys = sorted({k for r in rows for k in r["config"]})
-    return [k for k in keys if len({json.dumps(r["config"].get(k), default=str) for r in rows}) > 1]
+    if len({tuple(r["losses"]) for r in rows}) > 1:
+        keys = ["losses"] + [k for k in keys if not k.startswith("losses.")]
+    return [k for k in keys if k == "losses" or len({json.dumps(r["config"].get(k), default=str) for r in rows}) > 1]
 
 
-def label(row: dict[str, Any], keys: list[str]) -> str:
-    return ", ".join(f"{k}={row['config'].get(k)}" for k in keys) or Path(row["run"]).name
+def label(row: dict[str, Any], keys: list[str], rows: list[dict[str, Any]] | None = None) -> str:
+    parts = []
+    for k in keys:
+        if k == "losses":
+            common = set.intersection(*(set(r["losses"]) for r in rows or [row]))
+            extra = [name for name in row["losses"] if name not in common]
+            parts.append("+" + ", +".join(extra) if extra else "base losses")
+        else:
+            parts.append(f"{k}={row['config'].get(k)}")
+    return ", ".join(parts) or Path(row["run"]).name
 
 
 def _fmt(v: Any) -> str:
@@ -109,7 +127,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, window: float = 0.2) -> 
     for r in sorted(rows, key=lambda r: (r["ci_l0"] is None, r["ci_l0"] or 0.0)):
         gt = {True: "pass", False: "fail", None: "—"}[r["gt_passed"]]
         lines.append(
-            f"| {label(r, keys)} | {_fmt(r['ci_l0'])} ({r['ci_l0_n']}) | {_fmt(r['stochastic'])} | "
+            f"| {label(r, keys, rows)} | {_fmt(r['ci_l0'])} ({r['ci_l0_n']}) | {_fmt(r['stochastic'])} | "
             f"{_fmt(r['adversarial'])} ({r['adversarial_n']}) | {'yes' if id(r) in front else ''} | {gt} | "
             f"{'; '.join(r['diagnostics']) or 'none'} |"
         )
@@ -128,7 +146,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, window: float = 0.2) -> 
         fr = sorted((r for r in plotted if id(r) in front), key=lambda r: r["ci_l0"])
         ax.step([r["ci_l0"] for r in fr], [r["adversarial"] for r in fr], where="post", color="tab:red", lw=1)
         for r in plotted:
-            ax.annotate(label(r, keys), (r["ci_l0"], r["adversarial"]), fontsize=6, xytext=(3, 3),
+            ax.annotate(label(r, keys, rows), (r["ci_l0"], r["adversarial"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
         if min(ys) > 0:
             ax.set_yscale("log")

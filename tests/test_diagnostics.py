@@ -2,7 +2,7 @@
 
 import pytest
 
-from spd.diagnostics import diagnose, trend
+from spd.diagnostics import diagnose, slope_t, trend
 
 SHAPES = {"a": (20, 5, 2), "b": (20, 2, 5)}  # (C, d_in, d_out): rank 2 each
 
@@ -77,9 +77,18 @@ def test_faithfulness_outlier():
                     0.1) == []  # fmt: skip
 
 
+def test_noisy_adversarial_evals_are_not_a_trend():
+    # alternating values around a flat mean: a large relative fit change is possible with few points, not significant
+    noisy = history(adv=lambda s: 1e-3 * (1.6 if (s // 5) % 2 else 0.6))
+    assert diagnose(good_results(), noisy, 100, SHAPES, 0.1) == []
+
+
 def test_trend_by_hand():
     assert trend([0, 1, 2], [1.0, 1.0, 1.0]) == pytest.approx(0.0, abs=1e-12)
     assert trend([0, 10], [1.0, 2.0]) == pytest.approx(1 / 1.5)
+    assert slope_t([0, 1, 2, 3], [0.0, 1.0, 2.0, 3.0]) > 1e12  # a perfect line
+    # y = (0, 2, 1, 3): slope 0.8, residuals (-0.3, 0.9, -0.9, 0.3), s^2 = 1.8 / 2, Sxx = 5: t = 0.8 / sqrt(0.18)
+    assert slope_t([0, 1, 2, 3], [0.0, 2.0, 1.0, 3.0]) == pytest.approx(0.8 / 0.18**0.5)
 
 
 # ---- end to end: deliberately broken tiny TMS 5-2 runs --------------------------------------------------------
