@@ -44,7 +44,7 @@ class Budget:
 
     @property
     def label(self) -> str:
-        return f"{self.n_steps}x{self.step_size:g}"
+        return f"{self.n_steps}x{self.step_size:g}" + ("-per-example" if self.scope == "per_example" else "")
 
     def describe(self) -> str:
         where = "shared across the batch" if self.scope == "shared" else "per example"

@@ -98,11 +98,16 @@ class TrainConfig(BaseConfig):
 
 
 class AdversarialEvalConfig(BaseConfig):
-    """Fresh PGD masks shared across each eval batch; the budget is part of every reported key."""
+    """Fresh PGD masks for each eval batch; the budget is part of every reported key."""
 
     n_steps: int = Field(20, ge=0, description="0 turns adversarial evaluation off")
     step_size: float = Field(0.1, gt=0)
     init: Literal["random", "ones", "zeros"] = "random"
+    scope: Literal["shared", "per_example"] = Field(
+        "shared",
+        description="shared: one mask per subcomponent for the whole batch (the reference's eval); "
+        "per_example: a stronger attack, one mask per input",
+    )
     routings: list[Literal["all", "layerwise", "subset"]] = ["all", "layerwise"]
 
 

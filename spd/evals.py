@@ -29,7 +29,7 @@ def ci_near_one(ci: dict[str, torch.Tensor], threshold: float, near: float = 0.9
 
 def adversarial_budget(cfg: EvalConfig) -> Budget:
     a = cfg.adversarial
-    return Budget(a.n_steps, a.step_size, a.init, "shared")
+    return Budget(a.n_steps, a.step_size, a.init, a.scope)
 
 
 def batch_metrics(

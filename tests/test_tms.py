@@ -59,7 +59,7 @@ def test_scores_of_hand_built_exact_decomposition():
     gt.ci_patterns.clear()
     res = score(model, gt, data_ci=[{"linear1": torch.zeros(1, 7), "linear2": torch.zeros(1, 7)}])
     assert res["mmcs/linear1"] == pytest.approx(1.0) and res["ml2r/linear2"] == pytest.approx(1.0)
-    assert not res["passed"] and "alive/linear1 = 0, expected exactly 5" in res["failures"]
+    assert not res["passed"] and "alive/linear1 = 0 (CI > 0.1), expected exactly 5" in res["failures"]
 
 
 def test_tms_forward():
