@@ -155,7 +155,7 @@ class PersistentAdversary:
         device: str | torch.device = "cpu",
         generator: torch.Generator | None = None,
     ) -> None:
-        self.update, self.lr, self.betas = update, lr, betas
+        self.update, self.lr, self.betas, self.delta = update, lr, betas, delta
         ref = torch.empty((), device=device)
         self.s = {n: _init(torch.Size([C]), init, ref, generator) for n, C in Cs.items()}
         if delta:
@@ -168,7 +168,7 @@ class PersistentAdversary:
         for t in self.s.values():
             t.requires_grad_(True)
         s = {n: self.s[n] for n in ci_lower}
-        sd = {n: self.s[f"{n}#delta"] for n in ci_lower} if f"{next(iter(ci_lower))}#delta" in self.s else None
+        sd = {n: self.s[f"{n}#delta"] for n in ci_lower} if self.delta else None
         return adversarial_masks(ci_lower, s, sd)
 
     @torch.no_grad()
