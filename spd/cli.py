@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 DESCRIPTION = """\
-spd: stochastic parameter decomposition of trained networks.
+spd: parameter decomposition of trained networks (SPD, and APD with `method: apd` in the config).
 
   spd train CONFIG [--out DIR] [--set key.path=value ...]   decompose the target a YAML config names
   spd resume RUN_DIR                                        continue a crashed/stopped run from its last checkpoint
   spd eval RUN_DIR [--json]                                 evaluate a run (ground truth, adversarial, diagnostics)
   spd sweep CONFIG --grid KEY=V1,V2 [--seeds N] [--jobs J]  run a grid of configs, each in its own directory
   spd report RUN_DIR... [--out DIR]                         settled-window table and Pareto figure for runs
+  spd compare RUN_DIR... [--out DIR]                        one table for runs on one target (SPD vs APD)
   spd toy list | train NAME | reproduce                     toy models with known ground truth (`spd toy -h`)
 
 Example (TMS 5-2 on the CPU, about a minute):
@@ -31,6 +32,7 @@ SUMMARY_KEYS = (
     "alive/",
     "n_represented",
     "n_features",
+    "own_component/",
     "neuron_contrib_",
     "accuracy/",
     "previous_token/",
@@ -147,6 +149,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from spd.compare import compare, markdown
+
+    rows = compare(args.run_dirs, args.any_target)
+    md = markdown(rows)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(md)
+        (out / "compare.json").write_text(json.dumps(rows, indent=1))
+        print(f"written: {out / 'compare.md'}, {out / 'compare.json'}")
+    return 0
+
+
 def cmd_toy(args: argparse.Namespace) -> int:
     import importlib
 
@@ -205,6 +222,11 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", help="where report.md/.json/.png go (default: <parent of the first run>/report)")
     rp.add_argument("--window", type=float, default=0.2, help="last fraction of steps averaged (default 0.2)")
     rp.set_defaults(fn=cmd_report)
+    cp = sub.add_parser("compare", help="one table for finished runs on the same target (e.g. SPD vs APD)")
+    cp.add_argument("run_dirs", nargs="+")
+    cp.add_argument("--out", help="also write compare.md and compare.json here")
+    cp.add_argument("--any-target", action="store_true", help="allow runs whose target weights differ")
+    cp.set_defaults(fn=cmd_compare)
     t = sub.add_parser("toy", help="toy models: list, train NAME, reproduce", add_help=False)
     t.add_argument("toy_args", nargs=argparse.REMAINDER)
     t.set_defaults(fn=cmd_toy)

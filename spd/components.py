@@ -3,6 +3,10 @@
 Everything is stored in "x @ W" orientation: a decomposed module computes `out = x @ W_io + bias` with
 W_io of shape (d_in, d_out). Subcomponent c is the rank-1 matrix `V[:, c] ⊗ U[c, :]` (V reads, U writes),
 so `W_io ≈ V @ U`. The masked forward is `((x @ V) * mask) @ U + bias`; no per-example weight is built.
+
+With `rank` r > 1 (APD's parameter components) component c is the rank-r matrix
+`V[:, c*r:(c+1)*r] @ U[c*r:(c+1)*r]`: V and U hold C*r columns/rows, and one mask value per component
+scales all r of its inner activations.
 """
 
 from __future__ import annotations
@@ -43,20 +47,22 @@ def target_weight_io(module: nn.Module) -> Float[Tensor, "d_in d_out"]:
 
 
 class Components(nn.Module):
-    """V (d_in, C) and U (C, d_out) for one target module, plus the target's frozen bias."""
+    """V (d_in, C*rank) and U (C*rank, d_out) for one target module, plus the target's frozen bias."""
 
-    def __init__(self, target_module: nn.Module, C: int) -> None:
+    def __init__(self, target_module: nn.Module, C: int, rank: int = 1) -> None:
         super().__init__()
         kind = module_kind(target_module)
         if kind is None:
             raise TypeError(f"unsupported module type {type(target_module).__name__}; supported: {SUPPORTED}")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
         self.kind = kind
-        self.C = C
+        self.C, self.rank = C, rank
         w = target_weight_io(target_module)
         self.d_in, self.d_out = w.shape
         # Kaiming-style init as in the reference code; the faithfulness warm-up then fits V @ U to W.
-        self.V = nn.Parameter(torch.randn(self.d_in, C, dtype=w.dtype) / math.sqrt(self.d_in))
-        self.U = nn.Parameter(torch.randn(C, self.d_out, dtype=w.dtype) / math.sqrt(C))
+        self.V = nn.Parameter(torch.randn(self.d_in, C * rank, dtype=w.dtype) / math.sqrt(self.d_in))
+        self.U = nn.Parameter(torch.randn(C * rank, self.d_out, dtype=w.dtype) / math.sqrt(C * rank))
         # Reference the target's tensors without registering them (they belong to the target).
         self._target = [target_module]
 
@@ -80,9 +86,25 @@ class Components(nn.Module):
         return self.target_weight() - self.V @ self.U
 
     def subcomponent(self, c: int) -> Float[Tensor, "d_in d_out"]:
-        return torch.outer(self.V[:, c], self.U[c])
+        """(Sub)component c as a (d_in, d_out) matrix (rank 1, or rank `rank` for APD components)."""
+        r = self.rank
+        return self.V[:, c * r : (c + 1) * r] @ self.U[c * r : (c + 1) * r]
 
-    def inner(self, x: Tensor) -> Float[Tensor, "... C"]:
+    def columns(self, idx: Tensor) -> Tensor:
+        """Indices into V's columns (U's rows) of the (sub)components `idx`."""
+        r = self.rank
+        return idx if r == 1 else (idx[:, None] * r + torch.arange(r, device=idx.device)).flatten()
+
+    def weight_of(self, idx: Tensor) -> Float[Tensor, "d_in d_out"]:
+        """Sum of the (sub)components `idx`."""
+        cols = self.columns(idx)
+        return self.V[:, cols] @ self.U[cols]
+
+    def expand(self, mask: Tensor) -> Tensor:
+        """A per-component mask (..., C) as a mask on the C*rank inner activations."""
+        return mask if self.rank == 1 else mask.repeat_interleave(self.rank, dim=-1)
+
+    def inner(self, x: Tensor) -> Float[Tensor, "... Cr"]:
         """Inner activations h = x @ V (for an embedding: the rows of V picked by the token ids)."""
         if self.kind == "embedding":
             return self.V[x]
@@ -93,7 +115,7 @@ class Components(nn.Module):
         x: Tensor,
         mask: Float[Tensor, "... C"] | None = None,
         delta_mask: Float[Tensor, "..."] | None = None,
-        inner: Float[Tensor, "... C"] | None = None,
+        inner: Float[Tensor, "... Cr"] | None = None,
         clean_out: Float[Tensor, "... d_out"] | None = None,
     ) -> Float[Tensor, "... d_out"]:
         """Masked forward. `inner` (= x @ V) and `clean_out` (the target module's own output on this x) are
@@ -101,6 +123,8 @@ class Components(nn.Module):
         (h*m) @ U + dm * x @ (W - V @ U) = dm * (x @ W) + (h * (m - dm)) @ U."""
         h = self.inner(x) if inner is None else inner
         b = self.bias
+        if mask is not None and self.rank > 1:
+            mask = self.expand(mask)
         if delta_mask is not None and clean_out is not None:
             dm = delta_mask[..., None]
             m = 1.0 - dm if mask is None else mask - dm
@@ -136,7 +160,7 @@ class TransposedComponents(Components):
                 f"cannot tie: weight shape (d_in, d_out) = {tuple(w.shape)} is not the transpose of the "
                 f"source's {(source.d_in, source.d_out)}"
             )
-        self.kind, self.C = kind, source.C
+        self.kind, self.C, self.rank = kind, source.C, source.rank
         self.d_in, self.d_out = w.shape
         self._target = [target_module]
         self._source = [source]

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from spd.apd import APDConfig
 from spd.base_config import BaseConfig, ConfigError, apply_overrides, read_yaml, validate
 from spd.ci import CIConfig
 from spd.losses import LossConfig, OutputLoss
@@ -132,6 +133,12 @@ class WandbConfig(BaseConfig):
 
 class Config(BaseConfig):
     seed: int = 0
+    method: Literal["spd", "apd"] = Field(
+        "spd",
+        description="spd: rank-1 subcomponents with a CI function; apd: parameter components chosen per "
+        "input by attribution top-k (settings in `apd`)",
+    )
+    apd: APDConfig | None = None
     target: TargetConfig
     decomposition: DecompositionConfig
     losses: list[LossConfig] = Field(min_length=1)
@@ -140,12 +147,46 @@ class Config(BaseConfig):
     eval: EvalConfig = EvalConfig()
     wandb: WandbConfig | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apd_defaults(cls, data: Any) -> Any:
+        # APD has no delta component (its components must sum to W through the faithfulness loss).
+        if isinstance(data, dict) and data.get("method") == "apd":
+            dec = data.get("decomposition")
+            if isinstance(dec, dict) and "delta_component" not in dec:
+                data = data | {"decomposition": dec | {"delta_component": False}}
+        return data
+
     @model_validator(mode="after")
     def _needs_reconstruction(self) -> Config:
         names = {loss.name for loss in self.losses}
         recon = {"stochastic_recon", "ci_masked_recon", "pgd_recon", "persistent_pgd_recon"}
         if not names & recon:
             raise ValueError(f"losses must include a reconstruction loss (one of {sorted(recon)})")
+        return self
+
+    @model_validator(mode="after")
+    def _method(self) -> Config:
+        if self.method == "spd":
+            if self.apd is not None:
+                raise ValueError("apd: settings are only used with method: apd")
+            return self
+        if self.apd is None:
+            raise ValueError("method apd needs an `apd:` section with at least topk (e.g. apd: {topk: 1.0})")
+        if self.decomposition.delta_component:
+            raise ValueError("decomposition.delta_component must be false with method apd (APD has no delta)")
+        Cs = {m.C for m in self.decomposition.modules}
+        if len(Cs) != 1:
+            raise ValueError(
+                f"decomposition.modules: with method apd every entry needs the same C (an APD component spans "
+                f"all decomposed matrices); got {sorted(Cs)}"
+            )
+        no_grad = {c.name for c in self.losses} & {"importance_minimality", "smooth_l0"}
+        if no_grad:
+            raise ValueError(
+                f"losses: {sorted(no_grad)} penalise CI-function outputs, which method apd does not have (its "
+                "importances are top-k indicators); use schatten for simplicity and ci_masked_recon for minimality"
+            )
         return self
 
     def to_yaml(self) -> str:

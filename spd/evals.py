@@ -38,8 +38,9 @@ def batch_metrics(
     """Reconstruction under every mask kind (only stochastic and adversarial unless `full`) and CI-L0 on one
     batch; returns the metrics and the lower CIs."""
     div = DIVERGENCES[output_loss]
-    target_out, acts = model.forward_with_cache(x)
-    ci = model.ci_from_acts(acts).lower
+    clean = model.clean_pass(x)
+    target_out = clean.output
+    ci = model.importances(x, clean).lower
     row: dict[str, float] = {}
     if full:
         for kind in ("ci", "rounded", "ones", "zeros", "random"):

@@ -94,12 +94,13 @@ class GroundTruth:
 # ---- pure scoring functions --------------------------------------------------------------------------
 def mmcs_ml2r(
     V: Float[Tensor, "d_in C"], U: Float[Tensor, "C d_out"], W: Float[Tensor, "d_in d_out"],
-    axis: Literal["in", "out"], features: list[int],
+    axis: Literal["in", "out"], features: list[int], rank: int = 1,
 ) -> tuple[float, float]:  # fmt: skip
     """Mean max cosine similarity and mean L2 ratio between subcomponents and ground-truth pieces.
 
     All matrices in x @ W orientation (W = V @ U). For feature f on axis "in", subcomponent c's piece is
     V[f, c] U[c, :] and the ground truth is W[f, :]; on axis "out" they are U[c, f] V[:, c] and W[:, f].
+    With rank r > 1 (APD components) a component's piece is the sum of its r rank-1 pieces.
     """
     if not features:
         return float("nan"), float("nan")
@@ -109,6 +110,8 @@ def mmcs_ml2r(
     else:
         pieces = U.T[features, :, None] * V.T[None]  # (F, C, d_in)
         gt = W[:, features].T  # (F, d_in)
+    if rank > 1:
+        pieces = pieces.unflatten(1, (-1, rank)).sum(2)
     cos = torch.nn.functional.cosine_similarity(pieces, gt[:, None, :], dim=-1, eps=1e-12)  # (F, C)
     best = cos.argmax(-1)
     norms = pieces[torch.arange(len(features)), best].norm(dim=-1) / gt.norm(dim=-1).clamp_min(1e-12)
@@ -150,12 +153,21 @@ def dense_ci_entries_below(ci: Float[Tensor, "n C"], k: int, tol: float = TOL) -
     return int((p[:, :k] < 1 - tol).sum())
 
 
+def own_component_count(ci: Float[Tensor, "n C"], on: float = 0.5) -> int:
+    """Probes (features) whose most important subcomponent is important (> `on`) and is no other probe's most
+    important one: "one component per feature" (the APD paper's ResidMLP criterion), however many others fire."""
+    best = ci.argmax(-1)
+    shared = torch.bincount(best, minlength=ci.shape[-1])[best] > 1
+    strong = ci.max(-1).values > on
+    return int((strong & ~shared).sum())
+
+
 def _top_k_sum_error(comp: Any, ci: Tensor, k: int) -> float:
     """||sum of the k subcomponents with the most probe CI mass - W||_F / ||W||_F (they should sum to W)."""
     top = ci.sum(0).argsort(descending=True)[:k].to(comp.V.device)
     with torch.no_grad():
         w = comp.target_weight()
-        return ((comp.V[:, top] @ comp.U[top] - w).norm() / w.norm()).item()
+        return ((comp.weight_of(top) - w).norm() / w.norm()).item()
 
 
 def firing_density(ci_batches: list[dict[str, Tensor]], threshold: float) -> dict[str, Tensor]:
@@ -209,7 +221,7 @@ def probe_cis(model: Any, gt: GroundTruth) -> dict[str, Tensor]:
     x = gt.probe_inputs
     x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
     out = {}
-    for n, v in model.causal_importances(x).lower.items():
+    for n, v in model.probe_importances(x).items():
         out[n] = (v[:, -1] if v.dim() == 3 else v).cpu()
     return out
 
@@ -258,7 +270,7 @@ def score(
     for d in gt.directions:
         c = model.comp(d.module)
         with torch.no_grad():
-            mm, ml = mmcs_ml2r(c.V.cpu(), c.U.cpu(), c.target_weight().cpu(), d.axis, d.features)
+            mm, ml = mmcs_ml2r(c.V.cpu(), c.U.cpu(), c.target_weight().cpu(), d.axis, d.features, c.rank)
         out[f"mmcs/{d.module}"], out[f"ml2r/{d.module}"] = mm, ml
         if not mm >= crit.mmcs_min:
             failures.append(f"mmcs/{d.module} = {mm:.4f} < {crit.mmcs_min}")
@@ -272,6 +284,7 @@ def score(
             err: Callable[[float], int]
             if isinstance(pattern, IdentityCI):
                 err, label = (lambda t, rows=rows: identity_ci_error(rows, t)), "identity_ci_error"
+                out[f"own_component/{name}"] = own_component_count(rows)
             else:
                 err, label = (lambda t, ci=rows, k=pattern.k: dense_ci_error(ci, k, t)), "dense_ci_error"
                 out[f"dense_ci_entries_below/{name}"] = dense_ci_entries_below(rows, pattern.k)

@@ -6,6 +6,7 @@ Literal) and add both to LOSSES and LossConfig.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -166,6 +167,25 @@ def stochastic_recon_loss(
     return total / n_mask_samples
 
 
+def schatten_loss(model: ComponentModel, ci: dict[str, Float[Tensor, "... C"]], p: float, eps: float = 1e-16) -> Tensor:
+    """APD's simplicity loss: sum_l sum_c mean_batch(g_c) sum_m (||V_{l,c,m}||^2 ||U_{l,c,m}||^2 + eps)^(p/2),
+    divided by the number of decomposed weights.
+
+    ||V_m|| ||U_m|| stands in for the m-th singular value of component c (exact when its r read columns and r
+    write rows are each orthogonal), so this is a Schatten-p quasi-norm of the active components without an SVD.
+    """
+    total: Tensor = torch.zeros(())
+    n_params = 0
+    for name in model.module_names:
+        comp = model.comp(name)
+        sv = comp.V.pow(2).sum(0).unflatten(0, (comp.C, comp.rank))
+        su = comp.U.pow(2).sum(1).unflatten(0, (comp.C, comp.rank))
+        per_c = (sv * su + eps).pow(p / 2).sum(-1)  # (C,)
+        total = total + (ci[name].flatten(0, -2).mean(0) * per_c).sum()
+        n_params += comp.d_in * comp.d_out
+    return total / n_params
+
+
 def hidden_acts_recon_loss(
     model: ComponentModel,
     x: Any,
@@ -173,14 +193,26 @@ def hidden_acts_recon_loss(
     ci_lower: dict[str, Tensor],
     sampling: Sampling = "continuous",
     generator: torch.Generator | None = None,
+    mask: Literal["stochastic", "ci"] = "stochastic",
+    modules: str | None = None,
 ) -> Tensor:
-    """MSE between decomposed modules' inputs under an all-module stochastic pass and in the clean pass."""
-    masks = stochastic_masks(ci_lower, sampling, generator)
-    dm = delta_masks(ci_lower, generator) if model.delta_component else None
+    """MSE between decomposed modules' inputs under an all-module masked pass and in the clean pass.
+
+    mask stochastic: g + (1-g) r, with the delta component; ci: the CIs themselves, no delta (APD's top-k pass).
+    modules: a glob; only the inputs of matching decomposed modules are compared (default: all).
+    """
+    if mask == "ci":
+        masks, dm = ci_lower, None
+    else:
+        masks = stochastic_masks(ci_lower, sampling, generator)
+        dm = delta_masks(ci_lower, generator) if model.delta_component else None
     seen: dict[str, Tensor] = {}
     model(x, masks, dm, cache=seen)
-    sq = sum((seen[n] - clean_acts[n]).pow(2).sum() for n in seen if seen[n].is_floating_point())
-    count = sum(clean_acts[n].numel() for n in seen if seen[n].is_floating_point())
+    names = [n for n in seen if seen[n].is_floating_point() and (modules is None or fnmatch.fnmatchcase(n, modules))]
+    if modules is not None and not names:
+        raise ValueError(f"hidden_acts_recon.modules {modules!r} matches no decomposed module ({list(seen)})")
+    sq = sum((seen[n] - clean_acts[n]).pow(2).sum() for n in names)
+    count = sum(clean_acts[n].numel() for n in names)
     return sq / max(count, 1)  # type: ignore[return-value]
 
 
@@ -252,6 +284,20 @@ class CIMaskedReconConfig(_LossBase):
 class HiddenActsReconConfig(_LossBase):
     name: Literal["hidden_acts_recon"]
     sampling: Sampling = "continuous"
+    mask: Literal["stochastic", "ci"] = Field(
+        "stochastic", description="stochastic: g + (1-g) r masks; ci: the CIs as masks (APD: the top-k pass)"
+    )
+    modules: str | None = Field(
+        None, description="glob over decomposed modules whose inputs are compared (default: all of them)"
+    )
+
+
+class SchattenConfig(_LossBase):
+    """APD's simplicity loss on the active (CI-weighted) components: a Schatten-p quasi-norm proxy."""
+
+    name: Literal["schatten"]
+    p: float = Field(1.0, gt=0.0, le=2.0)
+    eps: float = Field(1e-16, ge=0.0)
 
 
 LossConfig = Annotated[
@@ -262,7 +308,8 @@ LossConfig = Annotated[
     | HiddenActsReconConfig
     | PGDReconConfig
     | PersistentPGDReconConfig
-    | SmoothL0Config,
+    | SmoothL0Config
+    | SchattenConfig,
     Field(discriminator="name"),
 ]
 
@@ -333,7 +380,13 @@ def _persistent_pgd(ctx: StepContext, cfg: PersistentPGDReconConfig) -> Tensor:
 
 
 def _hidden(ctx: StepContext, cfg: HiddenActsReconConfig) -> Tensor:
-    return hidden_acts_recon_loss(ctx.model, ctx.x, ctx.acts, ctx.ci.lower, cfg.sampling, ctx.generator)
+    return hidden_acts_recon_loss(
+        ctx.model, ctx.x, ctx.acts, ctx.ci.lower, cfg.sampling, ctx.generator, cfg.mask, cfg.modules
+    )
+
+
+def _schatten(ctx: StepContext, cfg: SchattenConfig) -> Tensor:
+    return schatten_loss(ctx.model, ctx.ci.lower, cfg.p, cfg.eps)
 
 
 LOSSES: dict[str, Callable[[StepContext, Any], Tensor]] = {
@@ -345,6 +398,7 @@ LOSSES: dict[str, Callable[[StepContext, Any], Tensor]] = {
     "pgd_recon": _pgd,
     "persistent_pgd_recon": _persistent_pgd,
     "smooth_l0": _l0,
+    "schatten": _schatten,
 }
 
 

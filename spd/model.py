@@ -91,11 +91,14 @@ class ComponentModel(nn.Module):
         self,
         target: nn.Module,
         modules: list[ModuleSpec],
-        ci_fn: CIConfig,
+        ci_fn: CIConfig | None,
         sigmoid: SigmoidType = "leaky_hard",
         delta_component: bool = True,
         tied: list[tuple[str, str]] | None = None,
+        rank: int | None = 1,
     ) -> None:
+        """`ci_fn` None builds no CI function (a subclass then defines `importances`); `rank` is the rank of
+        every (sub)component (1 for SPD; None: full rank, min(d_in, d_out) per module)."""
         super().__init__()
         target.requires_grad_(False)
         target.eval()
@@ -108,7 +111,8 @@ class ComponentModel(nn.Module):
         comps: dict[str, Components] = {}
         for n, C in self.Cs.items():
             if n not in self.tied:
-                comps[n] = Components(named[n], C)
+                w = named[n].weight
+                comps[n] = Components(named[n], C, min(w.shape) if rank is None else rank)
         for b, a in self.tied.items():
             for name in (a, b):
                 if name not in self.Cs:
@@ -120,7 +124,7 @@ class ComponentModel(nn.Module):
             comps[b] = TransposedComponents(named[b], comps[a])
         self.components = nn.ModuleDict({_key(n): comps[n] for n in self.Cs})
         specs = {n: (self.Cs[n], self.comp(n).d_in, self.comp(n).kind) for n in self.module_names}
-        self.ci_fn = build_ci_function(specs, ci_fn)
+        self.ci_fn = build_ci_function(specs, ci_fn) if ci_fn is not None else None
         self.lower_sigmoid, self.upper_sigmoid = SIGMOIDS[sigmoid]
         self.delta_component = delta_component
 
@@ -241,6 +245,8 @@ class ComponentModel(nn.Module):
         return {n: self.comp(n).inner(acts[n]) for n in self.module_names}
 
     def ci_from_acts(self, acts: dict[str, Tensor], inner: dict[str, Tensor] | None = None) -> CausalImportances:
+        if self.ci_fn is None:
+            raise TypeError(f"{type(self).__name__} has no CI function; use importances(x, clean)")
         inner = self.inner_acts(acts) if inner is None else inner
         z = self.ci_fn(acts, inner)
         return CausalImportances(
@@ -248,11 +254,23 @@ class ComponentModel(nn.Module):
             upper={n: self.upper_sigmoid(v) for n, v in z.items()},
         )
 
+    def importances(self, x: Any, clean: CleanPass) -> CausalImportances:
+        """What decides, per input, which subcomponents count: here the CI function on the clean pass's
+        activations (differentiable). APD overrides this with attribution top-k indicators."""
+        return self.ci_from_acts(clean.acts, clean.inner)
+
     @torch.no_grad()
     def causal_importances(self, x: Any) -> CausalImportances:
         """CIs for a batch (no gradients): lower (for masks) and upper (for the penalty), per module."""
-        _, acts = self.forward_with_cache(x)
-        return self.ci_from_acts(acts)
+        return self.importances(x, self.clean_pass(x))
+
+    def probe_importances(self, x: Any) -> dict[str, Tensor]:
+        """Importances on ground-truth probe inputs (one mechanism active each): the lower CIs here; APD uses a
+        per-example top-k there, since a batch top-k over a probe batch has no meaning."""
+        return self.causal_importances(x).lower
+
+    def after_optimizer_step(self) -> None:
+        """Hook run by the trainer after every optimizer step (APD: optional unit-norm projection)."""
 
     # ---- helpers for notebooks --------------------------------------------------------------------------
     def alive_subcomponents(self, x: Any, threshold: float = 0.1) -> dict[str, Tensor]:

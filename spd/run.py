@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from spd import io
+from spd.apd import APDModel
 from spd.base_config import ConfigError
 from spd.config import Config, load_config
 from spd.diagnostics import Diagnostic, diagnose
@@ -48,12 +49,32 @@ def build_model(cfg: Config, task: Task, device: str | None = None) -> Component
     """The ComponentModel a config describes, on `device` (default: the config's train.device)."""
     torch.manual_seed(cfg.seed)  # component and CI-function initialisation
     d = cfg.decomposition
-    model = ComponentModel(task.target, list(d.modules), d.ci_fn, d.sigmoid, d.delta_component, list(d.tied))
+    model: ComponentModel
+    if cfg.method == "apd":
+        assert cfg.apd is not None  # the config validator guarantees it
+        model = APDModel(task.target, list(d.modules), cfg.apd, list(d.tied), cfg.output_loss)
+    else:
+        model = ComponentModel(task.target, list(d.modules), d.ci_fn, d.sigmoid, d.delta_component, list(d.tied))
     return model.to(device or cfg.train.device)
 
 
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process so far (MB; includes the Python and torch baseline, ~0.3-0.5 GB)
+    and, on CUDA, the peak allocated GPU memory since the last reset."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_mb": rss / (1024 * 1024 if sys.platform == "darwin" else 1024)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def _finish(run: Run, log: MetricsLog | None, seconds: float) -> dict[str, Any]:
-    results = run.evaluate() | {"train_seconds": seconds} | {f"target/{k}": v for k, v in run.task.info.items()}
+    memory = peak_memory()  # before evaluation, which has its own footprint
+    results = run.evaluate() | {"train_seconds": seconds, "method": run.config.method} | memory
+    results |= {f"target/{k}": v for k, v in run.task.info.items()}
     if run.path is not None:
         io.save_tensors(run.path / io.MODEL, run.model.trainable_state_dict())
         io.write_json(run.path / io.EVAL, results)

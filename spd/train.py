@@ -100,7 +100,7 @@ def train_step(
     with torch.no_grad():
         clean = model.clean_pass(x)
     clean.inner = model.inner_acts(clean.acts)  # with gradients: shared by the CI function and masked passes
-    ci = model.ci_from_acts(clean.acts, clean.inner)
+    ci = model.importances(x, clean)
     by_cfg = {id(cfg.losses[i]): a for i, a in (adversaries or {}).items()}
     ctx = StepContext(model, x, clean, ci, DIVERGENCES[cfg.output_loss], gen, frac, by_cfg)
     loss, terms = total_loss(ctx, list(cfg.losses))
@@ -163,6 +163,7 @@ def train(
         if tc.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip)
         opt.step()
+        model.after_optimizer_step()
         for adv in adversaries.values():
             adv.step()  # ascent on the masks, from the gradient the backward pass just left on them
         last = step == tc.steps - 1

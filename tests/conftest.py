@@ -7,6 +7,7 @@ from jaxtyping import install_import_hook
 
 CHECKED = [
     "spd.adversarial",
+    "spd.apd",
     "spd.components",
     "spd.ground_truth",
     "spd.losses",
@@ -17,6 +18,7 @@ CHECKED = [
 
 with install_import_hook(CHECKED, "beartype.beartype"):
     import spd.adversarial  # noqa: F401
+    import spd.apd  # noqa: F401
     import spd.components  # noqa: F401
     import spd.ground_truth  # noqa: F401
     import spd.losses  # noqa: F401

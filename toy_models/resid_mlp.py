@@ -112,9 +112,12 @@ def neuron_contributions(W_E: Tensor, W_in: Tensor, W_out: Tensor) -> Tensor:
     return (W_E @ W_in) * (W_E @ W_out.T)
 
 
-def decomposed_neuron_contributions(W_E: Tensor, V_in: Tensor, U_in: Tensor, W_out: Tensor) -> Tensor:
-    """Per feature, the W_in subcomponent with the largest contribution to any neuron, times the full W_out."""
-    per_sub = (W_E @ V_in)[:, :, None] * U_in[None]  # [n_features, C, d_mlp]
+def decomposed_neuron_contributions(W_E: Tensor, V_in: Tensor, U_in: Tensor, W_out: Tensor, rank: int = 1) -> Tensor:
+    """Per feature, the W_in subcomponent with the largest contribution to any neuron, times the full W_out.
+    (rank > 1: APD components of that rank, each the sum of its rank-1 pieces.)"""
+    per_sub = (W_E @ V_in)[:, :, None] * U_in[None]  # [n_features, C * rank, d_mlp]
+    if rank > 1:
+        per_sub = per_sub.unflatten(1, (-1, rank)).sum(2)
     out_side = (W_E @ W_out.T)[:, None, :]  # [n_features, 1, d_mlp]
     contrib = per_sub * out_side
     best = contrib.amax(-1).argmax(-1)
@@ -130,7 +133,7 @@ def neuron_contribution_check(target: ResidMLP, min_corr: float | None) -> Any:
                 c_in, c_out = model.comp(f"layers.{i}.mlp_in"), model.comp(f"layers.{i}.mlp_out")
                 true.append(neuron_contributions(W_E, layer.mlp_in.weight.T.cpu(), layer.mlp_out.weight.T.cpu()))
                 W_out = (c_out.V @ c_out.U).cpu()
-                spd.append(decomposed_neuron_contributions(W_E, c_in.V.cpu(), c_in.U.cpu(), W_out))
+                spd.append(decomposed_neuron_contributions(W_E, c_in.V.cpu(), c_in.U.cpu(), W_out, c_in.rank))
         t, s = torch.cat(true, 1).flatten(), torch.cat(spd, 1).flatten()
         corr = torch.corrcoef(torch.stack([t, s]))[0, 1].item()
         slope = (t @ s / (t @ t)).item()  # > 1: the decomposition overstates contributions (the paper's 2L skew)
