@@ -100,10 +100,17 @@ def diagnose(
     ci_threshold: float,
     checkpoint_step: int | None = None,
     th: Thresholds = Thresholds(),
+    method: str = "spd",
 ) -> list[Diagnostic]:
     """Warnings for one evaluated run. shapes: module -> (C, d_in, d_out); checkpoint_step: the step of the
-    checkpoint an unfinished run was evaluated from."""
+    checkpoint an unfinished run was evaluated from. For method "apd" the importances are binary top-k
+    indicators: no collapse check, and the messages speak of components, activity and top-k."""
     out: list[Diagnostic] = []
+    apd = method == "apd"
+    pieces = "components" if apd else "subcomponents"
+    on = "active (in the top-k)" if apd else f"with CI above {ci_threshold}"
+    knob_low = "apd.topk may be too high" if apd else "the importance coefficient may be too low"
+    knob_high = "apd.topk may be too low" if apd else "the importance coefficient may be too high"
     near = _modules(results, "ci_near_one/")
     l0 = _modules(results, "ci_l0/")
     alive = _modules(results, "alive/")
@@ -117,7 +124,7 @@ def diagnose(
     poor = share is not None and share > th.recon_share_max
     rising = rise is not None and rise > th.recon_rise
     for n, frac in near.items():
-        if frac < th.near_one_min and (poor or rising):
+        if not apd and frac < th.near_one_min and (poor or rising):
             why = []
             if poor:
                 why.append(f"stochastic recon {stoch:.3g} is {share:.1%} of the zero-output baseline {base:.3g}")
@@ -136,18 +143,18 @@ def diagnose(
             out.append(Diagnostic(
                 "too_dense",
                 f"{n} is too dense: CI-L0 {l0[n]:.2f} per input is >= {th.dense_rank_frac:g} x its rank {rank} "
-                f"(no sparser than the matrix itself); the importance coefficient may be too low",
+                f"(no sparser than the matrix itself); {knob_low}",
                 n, {"ci_l0": l0[n], "rank": rank},
             ))  # fmt: skip
         if n in alive and alive[n] == 0:
             out.append(Diagnostic(
-                "dead", f"all {C} subcomponents of {n} are dead (CI never above {ci_threshold} on the eval data); "
-                "the importance coefficient may be too high", n, {"alive": 0, "C": C},
+                "dead", f"all {C} {pieces} of {n} are dead (never {on} on the eval data); {knob_high}",
+                n, {"alive": 0, "C": C},
             ))  # fmt: skip
         elif n in alive and alive[n] == C:
             out.append(Diagnostic(
-                "capacity", f"all {C} subcomponents of {n} are alive (CI above {ci_threshold}); C may be too small "
-                "to hold every mechanism, or the importance coefficient too low", n, {"alive": C, "C": C},
+                "capacity", f"all {C} {pieces} of {n} are alive ({on}); C may be too small to hold every "
+                f"mechanism, or {knob_low}", n, {"alive": C, "C": C},
             ))  # fmt: skip
 
     # convergence

@@ -42,7 +42,9 @@ class Run:
         m = self.model
         shapes = {n: (m.Cs[n], m.comp(n).d_in, m.comp(n).d_out) for n in m.module_names}
         c = self.config
-        return diagnose(results, history, c.train.steps, shapes, c.eval.ci_threshold, self.checkpoint_step)
+        return diagnose(
+            results, history, c.train.steps, shapes, c.eval.ci_threshold, self.checkpoint_step, method=c.method
+        )
 
 
 def build_model(cfg: Config, task: Task, device: str | None = None) -> ComponentModel:
@@ -60,7 +62,7 @@ def build_model(cfg: Config, task: Task, device: str | None = None) -> Component
 
 def peak_memory() -> dict[str, float]:
     """Peak resident memory of this process so far (MB; includes the Python and torch baseline, ~0.3-0.5 GB)
-    and, on CUDA, the peak allocated GPU memory since the last reset."""
+    and, on CUDA, the peak allocated GPU memory since training started (`_reset_peak_memory`)."""
     import resource
     import sys
 
@@ -69,6 +71,11 @@ def peak_memory() -> dict[str, float]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def _reset_peak_memory(cfg: Config) -> None:
+    if torch.device(cfg.train.device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _finish(run: Run, log: MetricsLog | None, seconds: float) -> dict[str, Any]:
@@ -100,6 +107,7 @@ def decompose(cfg: Config, run_dir: str | Path | None = None, progress: bool = T
         io.save_tensors(path / io.TARGET, task.target.state_dict())
     model = build_model(cfg, task)
     log = MetricsLog(path / io.METRICS if path else None, cfg.wandb, path.name if path else "", cfg.model_dump())
+    _reset_peak_memory(cfg)
     t0 = time.perf_counter()
     train(model, task.sample_batch, cfg, path, log, resume=False, progress=progress)
     run = Run(cfg, task, model, path)
@@ -123,6 +131,7 @@ def resume(run_dir: str | Path, progress: bool = True) -> tuple[Run, dict[str, A
         raise ConfigError(f"run {str(path)!r} has no checkpoint to resume from; start it again with `spd train`")
     truncate_after(path / io.METRICS, int(ckpt.name.split("_")[1]))
     log = MetricsLog(path / io.METRICS, cfg.wandb, path.name, cfg.model_dump())
+    _reset_peak_memory(cfg)
     t0 = time.perf_counter()
     train(model, task.sample_batch, cfg, path, log, resume=True, progress=progress)
     run = Run(cfg, task, model, path)

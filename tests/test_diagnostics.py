@@ -60,6 +60,13 @@ def test_too_dense_dead_and_capacity():
     assert kinds(d) == ["capacity"]
 
 
+def test_apd_runs_get_apd_wording_and_no_collapse_check():
+    d = diagnose(good_results(**{"alive/b": 20}), history(), 100, SHAPES, 0.1, method="apd")
+    assert kinds(d) == ["capacity"] and "all 20 components of b" in d[0].message and "apd.topk" in d[0].message
+    r = good_results(**{"ci_near_one/a": 0.2, "recon/stochastic_all": 2e-3})  # a collapse for SPD
+    assert diagnose(r, history(), 100, SHAPES, 0.1, method="apd") == []
+
+
 def test_unconverged_by_trend_and_by_early_stop():
     d = diagnose(good_results(), history(l0=lambda s: 3.0 - s / 50), 100, SHAPES, 0.1)
     assert kinds(d) == ["unconverged"] and "CI-L0 still moving" in d[0].message
