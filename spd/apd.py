@@ -153,9 +153,9 @@ def gradient_attributions(model: APDModel, x: Any, source: str = "target", chunk
     for start in range(0, d, step):
         idx = torch.arange(start, min(start + step, d), device=y.device)
         if step == 1:  # the naive form: one backward pass per output dimension
-            grads = torch.autograd.grad(
-                y[..., idx[0]].sum(), [outs[n] for n in names], retain_graph=True, allow_unused=True
-            )
+            with torch.enable_grad():  # callers may hold no_grad (evaluation); the indexing must be recorded
+                y_o = y[..., idx[0]].sum()
+            grads = torch.autograd.grad(y_o, [outs[n] for n in names], retain_graph=True, allow_unused=True)
             grads = tuple(None if g is None else g[None] for g in grads)
         else:
             eye = torch.zeros(len(idx), *y.shape, dtype=y.dtype, device=y.device)

@@ -82,7 +82,10 @@ def test_gradient_attributions_match_finite_differences(two_layer, source, rank)
 def test_gradient_attribution_chunking_changes_nothing(two_layer, chunk):
     model = apd_model(two_layer)
     x = torch.randn(9, 3)
-    assert torch.allclose(gradient_attributions(model, x, "target", chunk), gradient_attributions(model, x), rtol=1e-5)
+    full = gradient_attributions(model, x)
+    assert torch.allclose(gradient_attributions(model, x, "target", chunk), full, rtol=1e-5)
+    with torch.no_grad():  # as in evaluation
+        assert torch.allclose(gradient_attributions(model, x, "target", chunk), full, rtol=1e-5)
 
 
 def test_activation_and_ablation_attributions_by_hand(two_layer):
