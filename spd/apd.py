@@ -242,6 +242,7 @@ class APDModel(ComponentModel):
         self.C = Cs.pop()
         self.apd = cfg
         self.output_loss = output_loss
+        self.after_optimizer_step()  # start on the constraint set (unit-norm read directions) when there is one
 
     def attributions(self, x: Any, clean: CleanPass | None = None) -> Float[Tensor, "... C"]:
         """Attribution of every component on every input (positions for sequences), no gradients."""

@@ -201,6 +201,10 @@ def test_apd_config_defaults_and_errors():
 
 def test_unit_norm_read_projection(two_layer):
     model = apd_model(two_layer, rank=1, unit_norm_read=True)
+    for n in model.module_names:  # from the start
+        assert torch.allclose(model.comp(n).V.norm(dim=0), torch.ones(3))
+    with torch.no_grad():
+        model.comp("fc1").V.mul_(3.0)
     model.after_optimizer_step()
     for n in model.module_names:
         assert torch.allclose(model.comp(n).V.norm(dim=0), torch.ones(3))
