@@ -108,7 +108,7 @@ def diagnose(
     out: list[Diagnostic] = []
     apd = method == "apd"
     pieces = "components" if apd else "subcomponents"
-    on = "active (in the top-k)" if apd else f"with CI above {ci_threshold}"
+    on = "in the top-k" if apd else f"with CI above {ci_threshold}"
     knob_low = "apd.topk may be too high" if apd else "the importance coefficient may be too low"
     knob_high = "apd.topk may be too low" if apd else "the importance coefficient may be too high"
     near = _modules(results, "ci_near_one/")
