@@ -49,17 +49,19 @@ def target_weight_io(module: nn.Module) -> Float[Tensor, "d_in d_out"]:
 class Components(nn.Module):
     """V (d_in, C*rank) and U (C*rank, d_out) for one target module, plus the target's frozen bias."""
 
-    def __init__(self, target_module: nn.Module, C: int, rank: int = 1) -> None:
+    def __init__(self, target_module: nn.Module, C: int, rank: int | None = 1) -> None:
+        """rank: of each (sub)component; None means full rank, min(d_in, d_out)."""
         super().__init__()
         kind = module_kind(target_module)
         if kind is None:
             raise TypeError(f"unsupported module type {type(target_module).__name__}; supported: {SUPPORTED}")
+        w = target_weight_io(target_module)
+        self.d_in, self.d_out = w.shape
+        rank = min(self.d_in, self.d_out) if rank is None else rank
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.kind = kind
         self.C, self.rank = C, rank
-        w = target_weight_io(target_module)
-        self.d_in, self.d_out = w.shape
         # Kaiming-style init as in the reference code; the faithfulness warm-up then fits V @ U to W.
         self.V = nn.Parameter(torch.randn(self.d_in, C * rank, dtype=w.dtype) / math.sqrt(self.d_in))
         self.U = nn.Parameter(torch.randn(C * rank, self.d_out, dtype=w.dtype) / math.sqrt(C * rank))

@@ -111,8 +111,7 @@ class ComponentModel(nn.Module):
         comps: dict[str, Components] = {}
         for n, C in self.Cs.items():
             if n not in self.tied:
-                w = named[n].weight
-                comps[n] = Components(named[n], C, min(w.shape) if rank is None else rank)
+                comps[n] = Components(named[n], C, rank)
         for b, a in self.tied.items():
             for name in (a, b):
                 if name not in self.Cs:
