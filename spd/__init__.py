@@ -27,6 +27,10 @@ _EXPORTS = {
     "train": "spd.train",
     "evaluate": "spd.evals",
     "make_masks": "spd.masks",
+    "Mechanism": "spd.mechanisms",
+    "Grouping": "spd.mechanisms",
+    "group_model": "spd.mechanisms",
+    "load_grouping": "spd.mechanisms",
     "subset_masks": "spd.masks",
 }
 

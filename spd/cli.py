@@ -18,6 +18,7 @@ spd: parameter decomposition of trained networks (SPD, and APD with `method: apd
   spd sweep CONFIG --grid KEY=V1,V2 [--seeds N] [--jobs J]  run a grid of configs, each in its own directory
   spd report RUN_DIR... [--out DIR]                         settled-window table and Pareto figure for runs
   spd compare RUN_DIR... [--out DIR]                        one table for runs on one target (SPD vs APD)
+  spd group RUN_DIR... [--alpha A]                          group subcomponents into mechanisms (MDL), score them
   spd toy list | train NAME | reproduce                     toy models with known ground truth (`spd toy -h`)
 
 Example (TMS 5-2 on the CPU, about a minute):
@@ -164,6 +165,72 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_truth(truth: dict[str, Any] | None) -> None:
+    if truth is None:
+        print("  (the target has no ground-truth mechanisms; nothing to score against)")
+        return
+    print(f"  against ground truth ({truth['unexplained_alive']} alive subcomponents it does not explain, "
+          "each counted as its own mechanism):")  # fmt: skip
+    for method in ("mdl", "hierarchical"):
+        t = truth[method]
+        print(f"    {method:<13} ARI {t['ari']:.4f}; {t['found_mechanisms']} found vs {t['true_mechanisms']} true; "
+              f"{t['exact']} true mechanisms found exactly ({t['multi_member_exact']} of the "
+              f"{t['multi_member_true']} with several members)")  # fmt: skip
+
+
+def cmd_group(args: argparse.Namespace) -> int:
+    from spd.compare import target_fingerprint
+    from spd.mechanisms import compare_groupings, group_model, grouping_path, save_result
+    from spd.run import load_run
+
+    dirs = [Path(d) for d in args.run_dirs]
+    for d in dirs:  # refuse before any work is done
+        out = grouping_path(d, args.alpha)
+        if out.exists() and not args.force:
+            raise FileExistsError(f"{out} exists; nothing was overwritten (pass --force to replace it)")
+    done = []
+    for d in dirs:
+        run = load_run(d)
+        ev = run.config.eval
+        t0 = time.perf_counter()
+        res = group_model(
+            run.model, run.task.sample_batch, alpha=args.alpha,
+            threshold=ev.ci_threshold if args.threshold is None else args.threshold,
+            min_density=ev.alive_min_density if args.min_density is None else args.min_density,
+            n_samples=args.n_samples or ev.batch_size * ev.n_batches, batch_size=ev.batch_size,
+            restarts=args.restarts, tolerance=args.tolerance, max_distance=args.max_distance,
+            seed=run.config.seed if args.seed is None else args.seed, ground_truth=run.task.ground_truth,
+        )  # fmt: skip
+        res["seconds"] = time.perf_counter() - t0
+        save_result(grouping_path(d, args.alpha), res, args.force)
+        p, st = res["mdl"].params, res["mdl"].stats
+        print(f"{d}: CI > {p['threshold']} on {p['n_samples']} samples, alive = firing on > {p['min_density']:g} "
+              f"of them; {res['seconds']:.1f} s")  # fmt: skip
+        print(res["mdl"].summary())
+        print(f"  description length {st['mdl_bits']:.4f} bits/sample (singletons {st['mdl_singletons_bits']:.4f}); "
+              f"restart minima {', '.join(f'{v:.4f}' for v in st['restart_minima_bits'])}")  # fmt: skip
+        print(res["hierarchical"].summary())
+        _print_truth(res["truth"])
+        print(f"written: {grouping_path(d, args.alpha)}")
+        done.append((d, run, res))
+    pairs = []
+    for i, (da, ra, a) in enumerate(done):
+        for db, rb, b in done[i + 1 :]:
+            if target_fingerprint(da) != target_fingerprint(db):
+                print(f"stability: {da} and {db} decompose different targets; not compared")
+                continue
+            cmp = compare_groupings(a["mdl"], ra.model, b["mdl"], rb.model)
+            pairs.append({"a": str(da), "b": str(db), **cmp})
+            print(f"stability {da.name} vs {db.name}: {cmp['mechanisms_a']} vs {cmp['mechanisms_b']} mechanisms; "
+                  f"{cmp['matched_cos>=0.9']} matched at cos >= 0.9 ({cmp['matched_same_rank']} of them with equal "
+                  f"rank); mean matched cos {cmp['mean_matched_cos']:.4f}; largest rank "
+                  f"{cmp['largest_rank_a']} vs {cmp['largest_rank_b']}")  # fmt: skip
+    if args.stability_out and pairs:
+        Path(args.stability_out).write_text(json.dumps(pairs, indent=1) + "\n")
+        print(f"written: {args.stability_out}")
+    return 0
+
+
 def cmd_toy(args: argparse.Namespace) -> int:
     import importlib
 
@@ -227,6 +294,37 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", help="also write compare.md and compare.json here")
     cp.add_argument("--any-target", action="store_true", help="allow runs whose target weights differ")
     cp.set_defaults(fn=cmd_compare)
+    g = sub.add_parser("group", help="group a run's subcomponents into mechanisms (MDL) and score the grouping")
+    g.add_argument("run_dirs", nargs="+", help="finished runs; several runs of one target are also compared")
+    g.add_argument(
+        "--alpha",
+        type=float,
+        default=2.0,
+        help="resolution: bits per unit of rank of a firing mechanism (default 2; higher splits more)",
+    )
+    g.add_argument(
+        "--threshold", type=float, help="CI threshold for 'important' (default: the run's eval.ci_threshold)"
+    )
+    g.add_argument(
+        "--min-density",
+        type=float,
+        help="alive = important on more than this fraction of samples (default: eval.alive_min_density)",
+    )
+    g.add_argument("--n-samples", type=int, help="samples in the data pass (default: eval batch_size x n_batches)")
+    g.add_argument("--restarts", type=int, default=4, help="merge restarts (the first is greedy; default 4)")
+    g.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="stochastic restarts pick among merges within this fraction of the best (default 0.05)",
+    )
+    g.add_argument(
+        "--max-distance", type=float, default=0.5, help="Jaccard cut of the hierarchical alternative (default 0.5)"
+    )
+    g.add_argument("--seed", type=int, help="data and restart seed (default: the run's seed)")
+    g.add_argument("--force", action="store_true", help="replace an existing grouping-alpha<A>.json")
+    g.add_argument("--stability-out", help="write the pairwise stability table (JSON) here")
+    g.set_defaults(fn=cmd_group)
     t = sub.add_parser("toy", help="toy models: list, train NAME, reproduce", add_help=False)
     t.add_argument("toy_args", nargs=argparse.REMAINDER)
     t.set_defaults(fn=cmd_toy)
@@ -243,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.fn(args))
-    except (ConfigError, RunDirError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, RunDirError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"spd: error: {err}", file=sys.stderr)
         return 2
 

@@ -231,20 +231,21 @@ def mechanism_labels(
 ) -> dict[str, list[str | None]]:
     """The true mechanism each learned subcomponent belongs to, by its CI pattern on the probes.
 
-    Identity patterns: the subcomponent matched (Hungarian) to probe f gets f"{label} {f}" when its CI there is
-    above 0.5. Dense patterns: the k subcomponents with the most probe CI mass get the pattern's mechanism
-    name. Everything else is None (dead or unexplained). Used to score groupings with the adjusted Rand index.
+    Identity patterns: a subcomponent whose CI exceeds 0.5 on some probe gets f"{label} {f}" for the probe f
+    where its CI is largest, so every piece of a feature gets the feature's label (one per layer for a
+    cross-layer feature, or both halves of a feature split in two). Dense patterns: the k subcomponents with
+    the most probe CI mass get the pattern's mechanism name. Everything else is None (dead or unexplained).
+    Used to score groupings with the adjusted Rand index.
     """
     probe_ci = probe_cis(model, gt) if probe_ci is None else probe_ci
     labels: dict[str, list[str | None]] = {n: [None] * v.shape[-1] for n, v in probe_ci.items()}
     for key, truth in gt.ci_patterns.items():
         rows, cols, _ = pattern_rows(probe_ci, key, truth)
         if isinstance(truth, IdentityCI):
-            r, c = linear_sum_assignment(-rows.numpy())
-            for i, j in zip(r, c, strict=True):
-                if rows[i, j] > 0.5:
-                    n, k = cols[j]
-                    labels[n][k] = f"{truth.label} {truth.probes[i]}"
+            top, which = rows.max(0)
+            for j in (top > 0.5).nonzero().flatten().tolist():
+                n, k = cols[j]
+                labels[n][k] = f"{truth.label} {truth.probes[int(which[j])]}"
         else:
             for j in rows.sum(0).argsort(descending=True)[: truth.k].tolist():
                 n, k = cols[j]

@@ -8,10 +8,12 @@ from jaxtyping import install_import_hook
 CHECKED = [
     "spd.adversarial",
     "spd.apd",
+    "spd.cluster",
     "spd.components",
     "spd.ground_truth",
     "spd.losses",
     "spd.masks",
+    "spd.mechanisms",
     "spd.model",
     "spd.sigmoids",
 ]
@@ -19,10 +21,12 @@ CHECKED = [
 with install_import_hook(CHECKED, "beartype.beartype"):
     import spd.adversarial  # noqa: F401
     import spd.apd  # noqa: F401
+    import spd.cluster  # noqa: F401
     import spd.components  # noqa: F401
     import spd.ground_truth  # noqa: F401
     import spd.losses  # noqa: F401
     import spd.masks  # noqa: F401
+    import spd.mechanisms  # noqa: F401
     import spd.model  # noqa: F401
     import spd.sigmoids  # noqa: F401
 

@@ -8,6 +8,7 @@ reproduction table does (`spd toy reproduce`).
 import pytest
 
 from spd.config import load_config
+from spd.mechanisms import group_model
 from spd.run import decompose
 from toy_models import TOYS
 
@@ -20,10 +21,18 @@ def _gt(results: dict) -> dict:
 
 @pytest.mark.parametrize("name", FAST_TOYS)
 def test_recovers_ground_truth_on_the_reduced_schedule(name):
+    """The decomposition recovers the toy's subcomponents, and grouping them (MDL at the default alpha)
+    recovers its mechanisms (cross-layer features, the identity layer, the rank-2 rotation)."""
     cfg = load_config(TOYS[name].config_path, TOYS[name].fast)
-    _, results = decompose(cfg, None, progress=False)
+    run, results = decompose(cfg, None, progress=False)
     gt = _gt(results)
     assert gt["passed"], gt["failures"]
+    truth = run.task.ground_truth
+    if truth is not None and truth.ci_patterns:
+        ev = cfg.eval
+        res = group_model(run.model, run.task.sample_batch, threshold=ev.ci_threshold, min_density=ev.alive_min_density,
+                          n_samples=8192, restarts=2, ground_truth=truth)  # fmt: skip
+        assert res["truth"]["mdl"]["ari"] >= 0.95, res["truth"]
 
 
 @pytest.mark.slow

@@ -66,6 +66,9 @@ def test_mechanism_labels_follow_the_ci_patterns():
         "a.1": ["feature 1", None],
         "out": ["W_out", None, "W_out"],
     }
+    # a cross-layer feature: feature 0 also has a piece in layer 1 (column 1); both carry its label
+    probe_ci["a.1"] = torch.tensor([[0.0, 0.8], [0.95, 0.0], [0.0, 0.0]])
+    assert mechanism_labels(None, gt, probe_ci)["a.1"] == ["feature 1", "feature 0"]
 
 
 def test_trained_target_cache(tmp_path, monkeypatch):
