@@ -22,21 +22,16 @@ from pathlib import Path
 
 import torch
 
-from spd.cluster import adjusted_rand_index, coactivation, hierarchical_groups, mdl_merge, merge_cost_matrix
+from spd.cluster import (
+    adjusted_rand_index,
+    coactivation,
+    hierarchical_groups,
+    mdl_merge,
+    merge_cost_matrix,
+    planted_mechanisms,
+)
 
 RESULTS = Path(__file__).parent / "results" / "grouping_scale.json"
-
-
-def planted(n: int, c: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    labels: list[int] = []
-    while len(labels) < c:
-        labels += [len(set(labels))] * int(torch.randint(1, 7, (1,), generator=g))
-    lab = torch.tensor(labels[:c])
-    p = 0.005 + 0.025 * torch.rand(int(lab.max()) + 1, generator=g)
-    fire = torch.rand(n, len(p), generator=g) < p
-    active = (fire[:, lab] & (torch.rand(n, c, generator=g) < 0.95)) | (torch.rand(n, c, generator=g) < 5e-4)
-    return active, lab.tolist()
 
 
 def naive_greedy(active: torch.Tensor, alpha: float) -> list[float]:
@@ -62,7 +57,7 @@ def naive_greedy(active: torch.Tensor, alpha: float) -> list[float]:
 
 
 def one_size(c: int, n: int, alpha: float, naive_max: int) -> dict:
-    active, truth = planted(n, c)
+    active, truth = planted_mechanisms(n, c)
     out: dict = {"subcomponents": c, "samples": n, "planted_mechanisms": len(set(truth)), "alpha": alpha}
     t0 = time.perf_counter()
     hist = mdl_merge(active, alpha)

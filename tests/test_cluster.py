@@ -14,24 +14,11 @@ from spd.cluster import (
     mdl_groups,
     mdl_merge,
     merge_cost_matrix,
+    planted_mechanisms,
 )
 
 # 4 samples, 3 subcomponents: 0 and 1 always fire together, 2 fires alone once.
 HAND = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.bool)
-
-
-def planted(n: int, c: int, seed: int = 0, keep: float = 0.95, noise: float = 5e-4) -> tuple[torch.Tensor, list]:
-    """Columns in planted mechanisms of 1-6 members; a mechanism fires on 0.5-3% of samples, each member with it
-    (probability `keep`), plus rare spurious firings."""
-    g = torch.Generator().manual_seed(seed)
-    labels: list[int] = []
-    while len(labels) < c:
-        labels += [len(set(labels))] * int(torch.randint(1, 7, (1,), generator=g))
-    lab = torch.tensor(labels[:c])
-    p = 0.005 + 0.025 * torch.rand(int(lab.max()) + 1, generator=g)
-    fire = torch.rand(n, len(p), generator=g) < p
-    active = (fire[:, lab] & (torch.rand(n, c, generator=g) < keep)) | (torch.rand(n, c, generator=g) < noise)
-    return active, lab.tolist()
 
 
 def random_active(n: int = 200, c: int = 10, seed: int = 0) -> torch.Tensor:
@@ -127,7 +114,7 @@ def test_always_co_firing_pieces_merge_at_any_resolution():
 
 
 def test_planted_mechanisms_are_recovered():
-    active, truth = planted(6000, 300)
+    active, truth = planted_mechanisms(6000, 300)
     hist, _ = mdl_groups(active, 2.0, restarts=2)
     assert adjusted_rand_index(hist.labels(), truth) >= 0.95
     assert adjusted_rand_index(hierarchical_groups(active), truth) >= 0.9
