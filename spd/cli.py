@@ -206,6 +206,8 @@ def cmd_group(args: argparse.Namespace) -> int:
         p, st = res["mdl"].params, res["mdl"].stats
         print(f"{d}: CI > {p['threshold']} on {p['n_samples']} samples, alive = firing on > {p['min_density']:g} "
               f"of them; {res['seconds']:.1f} s")  # fmt: skip
+        if run.checkpoint_step is not None:
+            print(f"  NOTE: the run has not finished; grouped its checkpoint at step {run.checkpoint_step}")
         print(res["mdl"].summary())
         print(f"  description length {st['mdl_bits']:.4f} bits/sample (singletons {st['mdl_singletons_bits']:.4f}); "
               f"restart minima {', '.join(f'{v:.4f}' for v in st['restart_minima_bits'])}")  # fmt: skip
