@@ -6,7 +6,8 @@
   that made it (alpha always stated); JSON round trip.
 - `group_model`: the data pass (binarised CIs), the MDL grouping, the hierarchical alternative, and the adjusted
   Rand index of both against the target's ground-truth mechanisms when it has them.
-- `compare_groupings`: stability across decompositions of the same target, mechanisms matched by summed weight.
+- `compare_groupings`: stability across decompositions of the same target, mechanisms matched by what their summed
+  weights do to the same inputs.
 """
 
 from __future__ import annotations
@@ -284,22 +285,36 @@ def load_grouping(path: str | Path, which: str = "mdl") -> Grouping:
 
 
 # ---- stability across decompositions of one target -----------------------------------------------------
-def mechanism_vectors(grouping: Grouping, model: Any) -> Float[Tensor, "M D"]:
-    """Every mechanism's summed weights over all decomposed matrices, flattened side by side."""
-    sizes = {n: model.comp(n).V.shape[0] * model.comp(n).U.shape[1] for n in model.module_names}
+def mechanism_vectors(grouping: Grouping, model: Any, acts: dict[str, Tensor]) -> Float[Tensor, "M D"]:
+    """Every mechanism's action on the given inputs of each decomposed matrix (acts[m] @ summed weight),
+    flattened side by side. Directions the data never reach do not count: two decompositions of one target may
+    differ there freely (the delta component carries the rest)."""
+    names = list(model.module_names)
+    sizes = {n: acts[n].flatten(0, -2).shape[0] * model.comp(n).U.shape[1] for n in names}
     rows = []
     with torch.no_grad():
         for mech in grouping.mechanisms:
             w = mech.weights(model)
-            rows.append(torch.cat([w[n].flatten().cpu() if n in w else torch.zeros(sizes[n]) for n in sizes]))
+            parts = [
+                (acts[n].flatten(0, -2) @ w[n]).flatten().cpu() if n in w else torch.zeros(sizes[n]) for n in names
+            ]
+            rows.append(torch.cat(parts))
     return torch.stack(rows)
 
 
-def compare_groupings(ga: Grouping, model_a: Any, gb: Grouping, model_b: Any, match: float = 0.9) -> dict[str, Any]:
+@torch.no_grad()
+def module_inputs(model: Any, x: Any) -> dict[str, Tensor]:
+    """The input of every decomposed matrix on x (the target's own pass)."""
+    return {n: v.detach() for n, v in model.clean_pass(x).acts.items()}
+
+
+def compare_groupings(
+    ga: Grouping, model_a: Any, gb: Grouping, model_b: Any, acts: dict[str, Tensor], match: float = 0.9
+) -> dict[str, Any]:
     """Mechanisms of two decompositions of the same target, matched one-to-one (Hungarian) on the cosine
-    similarity of their summed weights. Reports how many match (cos >= `match`) and whether matched ones have
-    the same rank."""
-    va, vb = mechanism_vectors(ga, model_a), mechanism_vectors(gb, model_b)
+    similarity of their action on the same inputs (`acts`: module_inputs of the shared target). Reports how many
+    match (cos >= `match`) and whether matched ones have the same rank."""
+    va, vb = mechanism_vectors(ga, model_a, acts), mechanism_vectors(gb, model_b, acts)
     cos = torch.nn.functional.normalize(va, dim=1) @ torch.nn.functional.normalize(vb, dim=1).T
     ri, ci = linear_sum_assignment(-cos.numpy())
     matched = cos[ri, ci]

@@ -15,6 +15,7 @@ from spd.mechanisms import (
     group_model,
     grouping_path,
     load_grouping,
+    module_inputs,
     save_result,
     score_against_truth,
     truth_labels,
@@ -107,7 +108,7 @@ def test_scores_against_truth_hand_case():
 
 def test_a_grouping_compared_with_itself_matches_everything(cm):
     g = _grouping()
-    cmp = compare_groupings(g, cm, g, cm)
+    cmp = compare_groupings(g, cm, g, cm, module_inputs(cm, torch.randn(16, 3)))
     assert cmp["matched_cos>=0.9"] == 2 and cmp["matched_same_rank"] == 2
     assert cmp["mean_matched_cos"] == pytest.approx(1.0)
 
