@@ -25,6 +25,7 @@ from jaxtyping import Bool, Float
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from spd import io
 from spd.cluster import adjusted_rand_index, hierarchical_groups, mdl_groups
 from spd.ground_truth import GroundTruth, firing_density, mechanism_labels
 from spd.task import to_device
@@ -270,10 +271,7 @@ def grouping_path(run_dir: Path, alpha: float) -> Path:
 def save_result(path: Path, result: dict[str, Any], force: bool = False) -> None:
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; nothing was overwritten (pass --force to replace it)")
-    obj = {k: (v.to_dict() if isinstance(v, Grouping) else v) for k, v in result.items()}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+    io.write_json(path, {k: (v.to_dict() if isinstance(v, Grouping) else v) for k, v in result.items()})
 
 
 def load_grouping(path: str | Path, which: str = "mdl") -> Grouping:
