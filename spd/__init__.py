@@ -32,6 +32,10 @@ _EXPORTS = {
     "group_model": "spd.mechanisms",
     "load_grouping": "spd.mechanisms",
     "subset_masks": "spd.masks",
+    "Rule": "spd.ablate",
+    "select_by_data": "spd.ablate",
+    "edited_target": "spd.ablate",
+    "unlearning_study": "spd.unlearning",
 }
 
 __all__ = list(_EXPORTS)

@@ -19,6 +19,7 @@ spd: parameter decomposition of trained networks (SPD, and APD with `method: apd
   spd report RUN_DIR... [--out DIR]                         settled-window table and Pareto figure for runs
   spd compare RUN_DIR... [--out DIR]                        one table for runs on one target (SPD vs APD)
   spd group RUN_DIR... [--alpha A]                          group subcomponents into mechanisms (MDL), score them
+  spd ablate RUN_DIR --forget DATA --retain DATA            remove what the components do on DATA; export the edit
   spd toy list | train NAME | reproduce                     toy models with known ground truth (`spd toy -h`)
 
 Example (TMS 5-2 on the CPU, about a minute):
@@ -178,6 +179,52 @@ def _print_truth(truth: dict[str, Any] | None) -> None:
               f"{t['multi_member_true']} with several members)")  # fmt: skip
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    import torch
+
+    from spd.ablate import Rule, Selection, mechanism_members, parse_members
+    from spd.mechanisms import load_grouping
+    from spd.run import load_run
+    from spd.unlearning import load_data, markdown, unlearning_study, write_study
+
+    run_dir = Path(args.run_dir)
+    slug = "".join(
+        ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{Path(args.forget).stem}-vs-{Path(args.retain).stem}"
+    )
+    out = Path(args.out) if args.out else run_dir / "ablations" / slug
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise FileExistsError(f"{out} already holds results; nothing was overwritten (pass --force or --out)")
+    if args.mechanisms and not args.grouping:
+        raise ValueError("--mechanisms needs --grouping FILE (a grouping-alpha*.json written by `spd group`)")
+    if args.ids and args.mechanisms:
+        raise ValueError("give either --ids or --mechanisms, not both")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = load_run(run_dir)
+    grouping = load_grouping(args.grouping) if args.grouping else None
+    selection = None
+    if args.ids:
+        selection = Selection(parse_members(args.ids, run.model), {"kind": "ids", "names": args.ids})
+    elif args.mechanisms:
+        assert grouping is not None
+        members = mechanism_members(grouping, args.mechanisms)
+        selection = Selection(members, {"kind": "mechanisms", "names": args.mechanisms, "grouping": grouping.params})
+    forget = load_data(args.forget, run.task.subsets, args.n, run.config.seed)
+    retain = load_data(args.retain, run.task.subsets, args.n, run.config.seed + 1)
+    rule = Rule(args.threshold if args.threshold is not None else run.config.eval.ci_threshold, args.forget_min,
+                args.retain_max, args.min_ratio)  # fmt: skip
+    study = unlearning_study(
+        run.model, forget, retain, selection, rule, grouping, run.task.metrics, run.config.output_loss,
+        baselines=not args.no_baselines, neuron_modules=args.neurons, ga_lr=args.ga_lr, ga_max_steps=args.ga_steps,
+    )  # fmt: skip
+    study.report["data"] = {"forget": args.forget, "retain": args.retain, "run_dir": str(run_dir)}
+    paths = write_study(study, out, run.task.architecture, args.force)
+    print(markdown(study.report))
+    for k, p in paths.items():
+        print(f"written ({k}): {p}")
+    return 0
+
+
 def cmd_group(args: argparse.Namespace) -> int:
     import torch
 
@@ -330,6 +377,34 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="replace an existing grouping-alpha<A>.json")
     g.add_argument("--stability-out", help="write the pairwise stability table (JSON) here")
     g.set_defaults(fn=cmd_group)
+    a = sub.add_parser(
+        "ablate",
+        help="ablate components or mechanisms (chosen by id, by mechanism, or by forget/retain data); export the "
+        "edited model and a report with baselines",
+    )
+    a.add_argument("run_dir")
+    a.add_argument("--forget", required=True, help="DATA to forget: a .safetensors file of inputs, or a slice the "
+                   "target names (toys: only:I, without:I, all)")  # fmt: skip
+    a.add_argument("--retain", required=True, help="DATA to keep (same forms as --forget)")
+    a.add_argument("--ids", nargs="+", metavar="MODULE:C", help="ablate these subcomponents (e.g. linear1:3,7)")
+    a.add_argument("--grouping", help="a grouping-alpha*.json (`spd group`): choose among its mechanisms")
+    a.add_argument("--mechanisms", nargs="+", metavar="NAME", help="ablate these mechanisms of --grouping")
+    a.add_argument("--threshold", type=float, help="importance threshold of the rule (default: eval.ci_threshold)")
+    a.add_argument("--forget-min", type=float, default=0.5,
+                   help="choose units important on at least this fraction of forget inputs (default 0.5)")  # fmt: skip
+    a.add_argument("--retain-max", type=float, default=0.05,
+                   help="... on at most this fraction of retain inputs (default 0.05)")  # fmt: skip
+    a.add_argument("--min-ratio", type=float, default=10.0,
+                   help="... and at least this many times as often on forget as on retain (default 10)")  # fmt: skip
+    a.add_argument("--n", type=int, default=4096, help="inputs drawn per named slice (half choose, half measure)")
+    a.add_argument("--neurons", help="glob of decomposed modules whose output units the neuron baseline may zero")
+    a.add_argument("--no-baselines", action="store_true", help="skip the neuron and gradient-ascent baselines")
+    a.add_argument("--ga-lr", type=float, default=1e-3, help="gradient-ascent baseline: Adam learning rate")
+    a.add_argument("--ga-steps", type=int, default=2000, help="gradient-ascent baseline: most steps")
+    a.add_argument("--threads", type=int, help="torch threads")
+    a.add_argument("--out", help="output directory (default RUN_DIR/ablations/<forget>-vs-<retain>)")
+    a.add_argument("--force", action="store_true", help="write into an existing output directory")
+    a.set_defaults(fn=cmd_ablate)
     t = sub.add_parser("toy", help="toy models: list, train NAME, reproduce", add_help=False)
     t.add_argument("toy_args", nargs=argparse.REMAINDER)
     t.set_defaults(fn=cmd_toy)

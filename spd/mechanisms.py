@@ -92,14 +92,7 @@ class Grouping:
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         """Masks for `model(x, masks, delta_masks)` that switch the mechanisms `off` off and keep everything
         else (every other subcomponent at 1, and the delta component, if the model has one, when `delta`)."""
-        masks = {n: torch.ones(model.comp(n).C, device=model.comp(n).V.device) for n in model.module_names}
-        for name in off:
-            for mod, c in self[name].members:
-                masks[mod][c] = 0.0
-        deltas = None
-        if delta and model.delta_component:
-            deltas = {n: torch.ones((), device=v.device) for n, v in masks.items()}
-        return masks, deltas
+        return member_masks(model, [x for name in off for x in self[name].members], delta)
 
     def summary(self) -> str:
         sizes = sorted((len(m.members) for m in self.mechanisms), reverse=True)
@@ -130,6 +123,23 @@ class Grouping:
             for m in d["mechanisms"]
         ]
         return cls(mechs, d["params"], d.get("stats", {}))
+
+
+def member_masks(
+    model: Any, off: list[Member], delta: bool = True
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """Masks for `model(x, masks, delta_masks)`: the subcomponents `off` at 0, every other at 1, and the delta
+    component (if the model has one, and `delta`) at 1. With the delta kept, this pass computes exactly the
+    target with W' = W - sum(off) in every matrix (what `spd.ablate.edited_target` writes into the weights)."""
+    masks = {n: torch.ones(model.comp(n).C, device=model.comp(n).V.device) for n in model.module_names}
+    for mod, c in off:
+        if mod not in masks or not 0 <= c < masks[mod].shape[0]:
+            raise ValueError(f"no subcomponent {mod}:{c} in this model (modules and C: {dict(model.Cs)})")
+        masks[mod][c] = 0.0
+    deltas = None
+    if delta and model.delta_component:
+        deltas = {n: torch.ones((), device=v.device) for n, v in masks.items()}
+    return masks, deltas
 
 
 def _histogram(sizes: list[int]) -> str:

@@ -18,6 +18,10 @@ from torch import Tensor, nn
 from spd.ground_truth import GroundTruth
 
 BatchSampler = Callable[[int, torch.Generator], Any]
+# (input batch, the model's output on it) -> per-sample values; "loss" is required, "accuracy" optional
+TaskMetrics = Callable[[Any, Tensor], dict[str, Tensor]]
+# (spec such as "only:3", number of samples, generator) -> an input batch from that slice of the data
+Subsets = Callable[[str, int, torch.Generator], Any]
 
 
 @dataclass
@@ -26,6 +30,10 @@ class Task:
     sample_batch: BatchSampler  # (batch size, generator) -> model input
     ground_truth: GroundTruth | None = None
     info: dict[str, Any] = field(default_factory=dict)  # facts about the target, reported with evals
+    metrics: TaskMetrics | None = None  # the target's own task loss (ablation reports; absent: divergence only)
+    subsets: Subsets | None = None  # named slices of the data (forget/retain sets of ablation studies)
+    # how to rebuild the target's class without spd: {"class": "module:Name", "kwargs": {...}}
+    architecture: dict[str, Any] | None = None
 
 
 def to_device(x: Any, device: torch.device) -> Any:

@@ -6,6 +6,7 @@ spd.ci is left out: its networks are torch.compile'd, and dynamo cannot trace th
 from jaxtyping import install_import_hook
 
 CHECKED = [
+    "spd.ablate",
     "spd.adversarial",
     "spd.apd",
     "spd.cluster",
@@ -16,9 +17,11 @@ CHECKED = [
     "spd.mechanisms",
     "spd.model",
     "spd.sigmoids",
+    "spd.unlearning",
 ]
 
 with install_import_hook(CHECKED, "beartype.beartype"):
+    import spd.ablate  # noqa: F401
     import spd.adversarial  # noqa: F401
     import spd.apd  # noqa: F401
     import spd.cluster  # noqa: F401
@@ -29,6 +32,7 @@ with install_import_hook(CHECKED, "beartype.beartype"):
     import spd.mechanisms  # noqa: F401
     import spd.model  # noqa: F401
     import spd.sigmoids  # noqa: F401
+    import spd.unlearning  # noqa: F401
 
 import pytest
 import torch

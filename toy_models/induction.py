@@ -192,5 +192,18 @@ def induction_task(
     def sample_batch(batch_size: int, g: torch.Generator) -> Tensor:
         return sample_sequences(batch_size, vocab, seq_len, g)[0]
 
+    def metrics(tokens: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        label = memorised_token(tokens, vocab)
+        correct = (logits.argmax(-1) == label).float()
+        return {"loss": F.cross_entropy(logits, label, reduction="none"), "accuracy": correct}
+
     gt = GroundTruth(probe_inputs=None, checks=[ablation_check(vocab, seq_len, len(model.blocks))], info=dict(info))
-    return Task(model, sample_batch, gt, info)
+    arch = {"class": "toy_models.induction:InductionTransformer",
+            "kwargs": {"vocab": vocab, "seq_len": seq_len, "d_model": d_model}}  # fmt: skip
+    return Task(model, sample_batch, gt, info, metrics, None, arch)
+
+
+def memorised_token(tokens: Int[Tensor, "batch seq"], vocab: int) -> Int[Tensor, " batch"]:
+    """The label of each sequence: the token right after the first induction token S (= vocab + 1)."""
+    first = (tokens[:, 1:-1] == vocab + 1).int().argmax(-1) + 1
+    return tokens[torch.arange(len(tokens)), first + 1]

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
-from torch import Tensor, nn
+from torch import Tensor
 
 from spd.ground_truth import Criteria, DenseCI, GroundTruth, IdentityCI
 from spd.task import Task
-from toy_models.data import sparse_features
+from toy_models.data import feature_subset, sparse_features
+from toy_models.nets import ResidMLP
 from toy_models.targets import trained_target
 
 PROBE_VALUE = 0.75
@@ -36,29 +36,6 @@ SIZES = {  # n_layers -> (n_features, d_mlp per layer), the paper's models
     3: (102, 17),
 }
 TRAIN_STEPS = {1: 1000, 2: 1000, 3: 10_000}  # reference train script (the papers give none)
-
-
-class MLPBlock(nn.Module):
-    def __init__(self, d_embed: int, d_mlp: int) -> None:
-        super().__init__()
-        self.mlp_in = nn.Linear(d_embed, d_mlp, bias=False)
-        self.mlp_out = nn.Linear(d_mlp, d_embed, bias=False)
-
-    def forward(self, resid: Tensor) -> Tensor:
-        return resid + self.mlp_out(F.relu(self.mlp_in(resid)))
-
-
-class ResidMLP(nn.Module):
-    def __init__(self, n_features: int, d_embed: int, d_mlp: int, n_layers: int) -> None:
-        super().__init__()
-        self.register_buffer("W_E", torch.zeros(n_features, d_embed))
-        self.layers = nn.ModuleList([MLPBlock(d_embed, d_mlp) for _ in range(n_layers)])
-
-    def forward(self, x: Float[Tensor, "... n_features"]) -> Float[Tensor, "... n_features"]:
-        resid = x @ self.W_E
-        for layer in self.layers:
-            resid = layer(resid)
-        return resid @ self.W_E.T
 
 
 def labels(x: Tensor) -> Tensor:
@@ -197,8 +174,19 @@ def resid_mlp_task(
     def sample_batch(batch_size: int, generator: torch.Generator) -> Tensor:
         return sample(batch_size, nf, feature_prob, generator)
 
+    def subsets(spec: str, batch_size: int, generator: torch.Generator) -> Tensor:
+        return feature_subset(spec, batch_size, nf, feature_prob, generator, lo=-1.0, hi=1.0)
+
     with torch.no_grad():
         g = torch.Generator().manual_seed(12345)
         x = sample_batch(8192, g)
         info["target_loss"] = (model(x) - labels(x)).pow(2).mean().item()
-    return Task(model, sample_batch, ground_truth(model), info)
+    d_mlp = model.layers[0].mlp_in.out_features
+    arch = {"class": "toy_models.nets:ResidMLP",
+            "kwargs": {"n_features": nf, "d_embed": d_embed, "d_mlp": d_mlp, "n_layers": n_layers}}  # fmt: skip
+    return Task(model, sample_batch, ground_truth(model), info, metrics, subsets, arch)
+
+
+def metrics(x: Tensor, out: Tensor) -> dict[str, Tensor]:
+    """The target's own loss: per-sample MSE against y = x + ReLU(x)."""
+    return {"loss": (out - labels(x)).pow(2).mean(-1)}

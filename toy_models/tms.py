@@ -15,25 +15,12 @@ from torch import Tensor, nn
 
 from spd.ground_truth import Criteria, DenseCI, FeatureDirections, GroundTruth, IdentityCI
 from spd.task import Task
-from toy_models.data import sparse_features
+from toy_models.data import feature_subset, sparse_features
+from toy_models.nets import TMS
 from toy_models.targets import trained_target
 
 PROBE_VALUE = 0.75  # one-hot probe inputs: x = 0.75 e_f
 REPRESENTED_MIN_READOUT = 0.5  # feature f is represented if the target's output at f for x = e_f is >= this
-
-
-class TMS(nn.Module):
-    def __init__(self, n_features: int, n_hidden: int, hidden_identity: bool = False) -> None:
-        super().__init__()
-        self.linear1 = nn.Linear(n_features, n_hidden, bias=False)
-        self.hidden_layers = nn.ModuleList([nn.Linear(n_hidden, n_hidden, bias=False)] if hidden_identity else [])
-        self.linear2 = nn.Linear(n_hidden, n_features, bias=True)
-
-    def forward(self, x: Float[Tensor, "... n_features"]) -> Float[Tensor, "... n_features"]:
-        h = self.linear1(x)
-        for layer in self.hidden_layers:
-            h = layer(h)
-        return F.relu(self.linear2(h))
 
 
 def train_tms(
@@ -141,7 +128,17 @@ def tms_task(
     def sample_batch(batch_size: int, generator: torch.Generator) -> Tensor:
         return sparse_features(batch_size, n_features, feature_prob, generator)
 
+    def subsets(spec: str, batch_size: int, generator: torch.Generator) -> Tensor:
+        return feature_subset(spec, batch_size, n_features, feature_prob, generator)
+
     info = {"n_features": n_features, "n_represented": len(rep), "W_column_norms": norms}
     if target_state is None:
         info["target_source"] = source
-    return Task(model, sample_batch, ground_truth(model), info)
+    arch = {"class": "toy_models.nets:TMS",
+            "kwargs": {"n_features": n_features, "n_hidden": n_hidden, "hidden_identity": hidden_identity}}  # fmt: skip
+    return Task(model, sample_batch, ground_truth(model), info, metrics, subsets, arch)
+
+
+def metrics(x: Tensor, out: Tensor) -> dict[str, Tensor]:
+    """The target's own loss: per-sample MSE against the input it should reconstruct."""
+    return {"loss": (out - x).pow(2).mean(-1)}

@@ -1,0 +1,438 @@
+"""Unlearning studies: edit a target by ablating what its decomposition selects, and compare the edit with two
+baselines at a matched forget effect.
+
+Data: the forget and the retain inputs are each split in halves. The first halves choose what to ablate and drive
+gradient ascent; every reported number is measured on the second halves.
+
+Methods (each edits the decomposed matrices only):
+- components: W' = W - sum(selected subcomponents), `spd.ablate.edited_target`;
+- neurons: whole output units of the decomposed matrices zeroed (a row of W and its bias entry; for an MLP's
+  input matrix, its hidden neurons). A unit's importance on an input is the squared change of the model's output
+  when that unit alone is zeroed, divided by its largest value on the selection data. The same `Rule` ranks the
+  units, and they are ablated in that order (those the rule selects first) until the held-out forget loss reaches
+  the component edit's;
+- gradient ascent: Adam on the decomposed matrices' weights, maximising the forget loss on the selection half,
+  stopped at the first step whose held-out forget loss reaches the component edit's.
+
+Reference for the forget side: the forget loss with every decomposed matrix zeroed (nothing passes through them;
+for a toy whose decomposed matrices compute the answer, the loss of predicting zero), so `forget_vs_zero` = forget
+loss / that reference says how far the edit went towards knowing nothing. The task loss is the target's own (its
+`Task.metrics`); a task without one is measured by the divergence from the original output instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from spd import io
+from spd.ablate import (
+    Rule,
+    Scores,
+    Selection,
+    batch_len,
+    chunks,
+    edit_stats,
+    edited_target,
+    firing,
+    save_edited,
+    select_by_data,
+    take,
+)
+from spd.components import module_kind
+from spd.losses import DIVERGENCES
+from spd.mechanisms import Grouping, member_masks
+from spd.model import output_tensor
+from spd.task import TaskMetrics
+
+Unit = tuple[str, int]  # (module, output index)
+
+
+def run_target(target: nn.Module, x: Any) -> Tensor:
+    return output_tensor(target(**x) if isinstance(x, dict) else target(x))
+
+
+def halves(x: Any) -> tuple[Any, Any]:
+    n = batch_len(x)
+    if n < 2:
+        raise ValueError(f"a forget or retain set needs at least 2 inputs (got {n})")
+    return take(x, slice(0, n // 2)), take(x, slice(n // 2, n))
+
+
+@torch.no_grad()
+def measure(
+    target: nn.Module, original: nn.Module, x: Any, metrics: TaskMetrics | None, output_loss: str, batch_size: int
+) -> dict[str, float]:
+    """Means over x of the task metrics (loss, accuracy, ...) and of the divergence from the original output."""
+    div = DIVERGENCES[output_loss]
+    sums: dict[str, float] = {}
+    n = 0
+    for xb in chunks(x, batch_size):
+        out, ref = run_target(target, xb), run_target(original, xb)
+        b = batch_len(xb)
+        vals = {k: v.double().sum().item() for k, v in (metrics(xb, out) if metrics else {}).items()}
+        vals[f"{output_loss}_to_original"] = div(out, ref).item() * b
+        for k, v in vals.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n += b
+    return {k: v / n for k, v in sums.items()}
+
+
+@torch.no_grad()
+def zeroed_target(target: nn.Module, modules: list[str]) -> nn.Module:
+    out = copy.deepcopy(target)
+    named = dict(out.named_modules())
+    for m in modules:
+        named[m].weight.zero_()
+    return out
+
+
+# ---- neuron baseline -----------------------------------------------------------------------------------
+def neuron_units(target: nn.Module, modules: list[str]) -> list[Unit]:
+    named = dict(target.named_modules())
+    units: list[Unit] = []
+    for m in modules:
+        kind = module_kind(named[m])
+        if kind == "linear":
+            units += [(m, j) for j in range(named[m].weight.shape[0])]
+        elif kind == "conv1d":
+            units += [(m, j) for j in range(named[m].weight.shape[1])]
+    return units
+
+
+@torch.no_grad()
+def zero_units(target: nn.Module, units: list[Unit]) -> None:
+    """Zero output unit j of module m in place: its row of W (nn.Linear; a column for Conv1D) and bias entry."""
+    named = dict(target.named_modules())
+    for m, j in units:
+        mod = named[m]
+        if module_kind(mod) == "linear":
+            mod.weight[j] = 0.0
+        else:
+            mod.weight[:, j] = 0.0
+        if getattr(mod, "bias", None) is not None:
+            mod.bias[j] = 0.0
+
+
+@torch.no_grad()
+def neuron_effects(target: nn.Module, units: list[Unit], x: Any, batch_size: int) -> Float[Tensor, "n U"]:
+    """Per input and unit: the squared change of the output (summed over its entries) with that unit zeroed."""
+    named = dict(target.named_modules())
+    cols = []
+    for xb in chunks(x, batch_size):
+        ref = run_target(target, xb)
+        row = []
+        for m, j in units:
+
+            def hook(_mod: nn.Module, _inp: Any, out: Tensor, j: int = j) -> Tensor:
+                out = out.clone()
+                out[..., j] = 0.0
+                return out
+
+            h = named[m].register_forward_hook(hook)
+            try:
+                row.append((run_target(target, xb) - ref).pow(2).flatten(1).sum(1))
+            finally:
+                h.remove()
+        cols.append(torch.stack(row, dim=-1).cpu())
+    return torch.cat(cols)
+
+
+def neuron_scores(
+    target: nn.Module, units: list[Unit], forget: Any, retain: Any, threshold: float, batch_size: int
+) -> Scores:
+    ef, er = neuron_effects(target, units, forget, batch_size), neuron_effects(target, units, retain, batch_size)
+    scale = torch.cat([ef, er]).amax(0).clamp_min(1e-30)
+    return Scores([f"{m}#{j}" for m, j in units], firing(ef / scale, threshold), firing(er / scale, threshold))
+
+
+# ---- the study -----------------------------------------------------------------------------------------
+@dataclass
+class Study:
+    """The report (plain JSON data), the edited target and the baselines' edited targets."""
+
+    report: dict[str, Any]
+    edited: nn.Module
+    baselines: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def unlearning_study(
+    model: Any,
+    forget: Any,
+    retain: Any,
+    selection: Selection | None = None,
+    rule: Rule | None = None,
+    grouping: Grouping | None = None,
+    metrics: TaskMetrics | None = None,
+    output_loss: str = "mse",
+    baselines: bool = True,
+    neuron_modules: str | None = None,
+    ga_lr: float = 1e-3,
+    ga_max_steps: int = 2000,
+    batch_size: int = 4096,
+) -> Study:
+    """Ablate `selection` (default: what `rule` selects on the forget/retain selection halves, over subcomponents,
+    or over `grouping`'s mechanisms), measure it, and run the baselines at the same held-out forget loss.
+    `neuron_modules`: glob over decomposed modules whose output units the neuron baseline may zero (default all)."""
+    rule = rule or Rule()
+    f_sel, f_eval = halves(forget)
+    r_sel, r_eval = halves(retain)
+    if selection is None:
+        selection, _ = select_by_data(model, f_sel, r_sel, rule, grouping, batch_size)
+    original: nn.Module = model.target
+    key = "loss" if metrics is not None else f"{output_loss}_to_original"
+
+    def on(t: nn.Module, x: Any) -> dict[str, float]:
+        return measure(t, original, x, metrics, output_loss, batch_size)
+
+    def entry(t: nn.Module, **extra: Any) -> dict[str, Any]:
+        stats = edit_stats(original, t)
+        return {"forget": on(t, f_eval), "retain": on(t, r_eval), "parameters_changed": stats["parameters_changed"],
+                "relative_edit_norm": stats["relative_norm"], "tensors_changed": stats["tensors"], **extra}  # fmt: skip
+
+    edited = edited_target(model, selection.members)
+    zero = on(zeroed_target(original, list(model.module_names)), f_eval)
+    methods: dict[str, Any] = {
+        "original": entry(original),
+        "components": entry(edited, units=len(selection.members), unit="subcomponents"),
+    }
+    with torch.no_grad():
+        x0 = take(f_eval, slice(0, min(batch_size, batch_len(f_eval))))
+        masked = model(x0, *member_masks(model, selection.members))
+        gap = (masked - run_target(edited, x0)).abs().max().item()
+    # the baselines must reach the component edit's forget loss, or knowing nothing (zero-ablation), if lower
+    target_loss = min(methods["components"]["forget"][key], zero[key])
+    out_models: dict[str, nn.Module] = {}
+    if baselines and target_loss > methods["original"]["forget"][key]:
+        mods = [m for m in model.module_names if neuron_modules is None or fnmatch.fnmatchcase(m, neuron_modules)]
+        if not mods:
+            raise ValueError(f"--neurons {neuron_modules!r} matches no decomposed module ({list(model.module_names)})")
+        t, info = _neurons_matched(original, mods, f_sel, r_sel, rule, lambda t: on(t, f_eval)[key], target_loss,
+                                   batch_size)  # fmt: skip
+        methods["neurons"], out_models["neurons"] = entry(t, **info), t
+        obj = _objective(original, metrics, output_loss)
+        t, info = _gradient_ascent(original, list(model.module_names), f_sel, obj, lambda t: on(t, f_eval)[key],
+                                   target_loss, ga_lr, ga_max_steps, batch_size)  # fmt: skip
+        methods["gradient_ascent"], out_models["gradient_ascent"] = entry(t, **info), t
+    for m in methods.values():
+        m["forget_vs_zero"] = m["forget"][key] / zero[key] if zero[key] > 0 else float("nan")
+        base = methods["original"]["retain"][key]
+        m["retain_change"] = (m["retain"][key] - base) / base if base > 0 else float("nan")
+    report = {
+        "selection": {"members": [f"{m}:{c}" for m, c in selection.members], **selection.how},
+        "measure": key,
+        "zero_ablation": zero,
+        "edit_vs_masked_pass_max_abs_diff": gap,
+        "n_inputs": {
+            "forget_select": batch_len(f_sel),
+            "forget_eval": batch_len(f_eval),
+            "retain_select": batch_len(r_sel),
+            "retain_eval": batch_len(r_eval),
+        },  # fmt: skip
+        "matched_forget": target_loss,
+        "methods": methods,
+        "baselines_skipped": None
+        if "neurons" in methods or not baselines
+        else "the component edit does not raise the forget loss, so there is no forget effect to match",
+    }
+    return Study(report, edited, out_models)
+
+
+def _objective(
+    original: nn.Module, metrics: TaskMetrics | None, output_loss: str
+) -> Callable[[nn.Module, Any], Tensor]:
+    div = DIVERGENCES[output_loss]
+
+    def objective(t: nn.Module, x: Any) -> Tensor:
+        out = run_target(t, x)
+        if metrics is not None:
+            return metrics(x, out)["loss"].mean()
+        with torch.no_grad():
+            ref = run_target(original, x)
+        return div(out, ref)
+
+    return objective
+
+
+def _neurons_matched(
+    original: nn.Module, modules: list[str], f_sel: Any, r_sel: Any, rule: Rule,
+    forget_loss: Callable[[nn.Module], float], target_loss: float, batch_size: int,
+) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    units = neuron_units(original, modules)
+    scores = neuron_scores(original, units, f_sel, r_sel, rule.threshold, batch_size)
+    passing = scores.passing(rule)
+    order = passing + [i for i in scores.ranked() if i not in passing]
+    t = copy.deepcopy(original)
+    done: list[int] = []
+    for i in order:
+        zero_units(t, [units[i]])
+        done.append(i)
+        if forget_loss(t) >= target_loss:
+            break
+    return t, {
+        "units": len(done),
+        "unit": "neurons",
+        "matched": forget_loss(t) >= target_loss,
+        "selected_by_rule": len(passing),
+        "candidates": len(units),
+        "modules": modules,
+        "ablated": [scores.row(i) for i in done][:50],
+    }
+
+
+def _gradient_ascent(
+    original: nn.Module, modules: list[str], f_sel: Any, objective: Callable[[nn.Module, Any], Tensor],
+    forget_loss: Callable[[nn.Module], float], target_loss: float, lr: float, max_steps: int, batch_size: int,
+) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    t = copy.deepcopy(original)
+    named = dict(t.named_modules())
+    params = list({id(named[m].weight): named[m].weight for m in modules}.values())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    batches = chunks(f_sel, batch_size)
+    step, matched, prev = 0, False, [p.detach().clone() for p in params]
+    with torch.enable_grad():
+        while True:
+            matched = forget_loss(t) >= target_loss
+            if matched or step == max_steps:
+                break
+            prev = [p.detach().clone() for p in params]
+            loss = -objective(t, batches[step % len(batches)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    for p in params:
+        p.requires_grad_(False)
+    if matched and step > 0:
+        _interpolate_last_step(params, prev, forget_loss, t, target_loss)
+    return t, {"units": step, "unit": "steps", "matched": matched, "lr": lr, "optimizer": "Adam"}
+
+
+@torch.no_grad()
+def _interpolate_last_step(
+    params: list[Tensor], prev: list[Tensor], forget_loss: Callable[[nn.Module], float], t: nn.Module, target: float
+) -> None:
+    """Move the weights back along the last step, to the first point whose forget loss reaches `target` (bisection,
+    12 halvings), so that one large step does not overshoot the match."""
+    new = [p.clone() for p in params]
+    lo, hi = 0.0, 1.0
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        for p, a, b in zip(params, prev, new, strict=True):
+            p.copy_(a + mid * (b - a))
+        lo, hi = (lo, mid) if forget_loss(t) >= target else (mid, hi)
+    for p, a, b in zip(params, prev, new, strict=True):
+        p.copy_(a + hi * (b - a))
+
+
+# ---- files ---------------------------------------------------------------------------------------------
+METHOD_NAMES = {"original": "original", "components": "ablate components", "neurons": "ablate neurons",
+                "gradient_ascent": "gradient ascent"}  # fmt: skip
+
+
+def markdown(report: dict[str, Any]) -> str:
+    key = report["measure"]
+    sel = report["selection"]
+    acc = "accuracy" in report["zero_ablation"]
+    n = len(sel["members"])
+    lines = [f"# Ablation: {n} subcomponent{'s' * (n != 1)}", ""]
+    if sel.get("kind") == "data":
+        lines += [f"Chosen by data over {sel['units']}: {sel['rule_text']}.", ""]
+    elif sel.get("kind"):
+        lines += [f"Chosen by {sel['kind']}: {', '.join(sel.get('names', sel['members']))}.", ""]
+    lines += [
+        f"Measured on held-out halves ({report['n_inputs']['forget_eval']} forget, {report['n_inputs']['retain_eval']}"
+        f" retain inputs). Forget {key} with every decomposed matrix zeroed: {report['zero_ablation'][key]:.4g}. "
+        f"Baselines are run to the same forget {key} as the component edit (capped at that zero-ablation level): "
+        f"{report['matched_forget']:.4g}. Edit norm: ||W' - W|| / ||W|| over all weights.",
+        "",
+        f"| method | units | parameters changed | edit norm | forget {key} | forget / zero-ablation | retain {key} |"
+        f" retain change | retain divergence |" + (" forget acc | retain acc |" if acc else ""),
+        "|---" * (9 + 2 * acc) + "|",
+    ]
+    for name, m in report["methods"].items():
+        units = "" if m.get("unit") is None else f"{m.get('units')} {m['unit']}" + ("" if m.get("matched", True)
+                                                                                  else " (not matched)")  # fmt: skip
+        div = next(k for k in m["retain"] if k.endswith("_to_original"))
+        row = (f"| {METHOD_NAMES.get(name, name)} | {units} | {m['parameters_changed']} | "
+               f"{m['relative_edit_norm']:.3g} | {m['forget'][key]:.4g} | "
+               f"{m['forget_vs_zero']:.3f} | {m['retain'][key]:.4g} | {m['retain_change']:+.2%} | "
+               f"{m['retain'][div]:.3g} |")  # fmt: skip
+        if "accuracy" in m["forget"]:
+            row += f" {m['forget']['accuracy']:.3f} | {m['retain']['accuracy']:.3f} |"
+        lines.append(row)
+    if report.get("baselines_skipped"):
+        lines += ["", f"Baselines not run: {report['baselines_skipped']}."]
+    gap = report["edit_vs_masked_pass_max_abs_diff"]
+    lines += ["", f"The edited model equals the in-library masked pass to {gap:.2g} (max abs difference of outputs)."]
+    return "\n".join(lines) + "\n"
+
+
+def figure(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in report["methods"] if n != "original"]
+    labels = [METHOD_NAMES.get(n, n) for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 2.8))
+    axes[0].barh(labels, [report["methods"][n]["forget_vs_zero"] for n in names], color="tab:red")
+    axes[0].axvline(1.0, color="k", lw=0.8, ls="--")
+    axes[0].axvline(report["methods"]["original"]["forget_vs_zero"], color="gray", lw=0.8, ls=":", label="original")
+    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].set_xlabel(f"forget {report['measure']} / zero-ablation (higher: more forgotten)")
+    axes[1].barh(labels, [100 * report["methods"][n]["retain_change"] for n in names], color="tab:blue")
+    axes[1].axvline(0.0, color="k", lw=0.8)
+    axes[1].set_xlabel(f"retain {report['measure']} change, % (0: kept)")
+    axes[1].set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_study(
+    study: Study, out_dir: Path, architecture: dict[str, Any] | None, force: bool = False
+) -> dict[str, Path]:
+    """out_dir/{ablation.json, ablation.md, ablation.png, edited/}; refuses a non-empty out_dir unless `force`."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise FileExistsError(f"{out_dir} already holds results; nothing was overwritten (pass --force or --out)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "ablation.json", "md": out_dir / "ablation.md", "edited": out_dir / "edited"}
+    save_edited(study.edited, paths["edited"], architecture, {"selection": study.report["selection"]["members"]})
+    io.write_json(paths["json"], study.report)
+    paths["md"].write_text(markdown(study.report))
+    try:
+        figure(study.report, out_dir / "ablation.png")
+        paths["png"] = out_dir / "ablation.png"
+    except ImportError:
+        pass  # matplotlib is an optional extra
+    return paths
+
+
+# ---- data from the command line -------------------------------------------------------------------------
+def load_data(spec: str, subsets: Any, n: int, seed: int) -> Any:
+    """A forget/retain set: a .safetensors file (one tensor, or tokenizer output with `input_ids`), or a slice of
+    the target's data that its task names (`Task.subsets`, e.g. "only:3" for the sparse-feature toys)."""
+    if spec.endswith(".safetensors"):
+        tensors = io.load_tensors(Path(spec))
+        if len(tensors) == 1:
+            return next(iter(tensors.values()))
+        if "input_ids" in tensors:
+            return tensors
+        if "x" in tensors:
+            return tensors["x"]
+        raise ValueError(f"{spec}: expected one tensor, `x`, or tokenizer output with `input_ids`; has {list(tensors)}")
+    if subsets is None:
+        raise ValueError(f"data {spec!r}: this target names no data subsets; give a .safetensors file of inputs")
+    return subsets(spec, n, torch.Generator().manual_seed(seed))

@@ -1,0 +1,49 @@
+"""The toy targets' architectures, in plain torch (no `spd` import), so an edited toy model exported by
+`spd ablate` loads anywhere with `Class(**kwargs).load_state_dict(safetensors.torch.load_file(path))`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class TMS(nn.Module):
+    """x_hat = ReLU(W^T W x + b) (linear2 holds W^T), optionally with a hidden identity layer between."""
+
+    def __init__(self, n_features: int, n_hidden: int, hidden_identity: bool = False) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(n_features, n_hidden, bias=False)
+        self.hidden_layers = nn.ModuleList([nn.Linear(n_hidden, n_hidden, bias=False)] if hidden_identity else [])
+        self.linear2 = nn.Linear(n_hidden, n_features, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.linear1(x)
+        for layer in self.hidden_layers:
+            h = layer(h)
+        return F.relu(self.linear2(h))
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, d_embed: int, d_mlp: int) -> None:
+        super().__init__()
+        self.mlp_in = nn.Linear(d_embed, d_mlp, bias=False)
+        self.mlp_out = nn.Linear(d_mlp, d_embed, bias=False)
+
+    def forward(self, resid: Tensor) -> Tensor:
+        return resid + self.mlp_out(F.relu(self.mlp_in(resid)))
+
+
+class ResidMLP(nn.Module):
+    """resid = x W_E; per layer resid += W_out ReLU(W_in resid); out = resid W_E^T (W_E a fixed buffer)."""
+
+    def __init__(self, n_features: int, d_embed: int, d_mlp: int, n_layers: int) -> None:
+        super().__init__()
+        self.register_buffer("W_E", torch.zeros(n_features, d_embed))
+        self.layers = nn.ModuleList([MLPBlock(d_embed, d_mlp) for _ in range(n_layers)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        resid = x @ self.W_E
+        for layer in self.layers:
+            resid = layer(resid)
+        return resid @ self.W_E.T
