@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from spd import io
 from spd.components import module_kind
-from spd.mechanisms import Grouping, Member
+from spd.mechanisms import Grouping, Mechanism, Member, member_masks
 
 EDITED_WEIGHTS = "model.safetensors"
 EDITED_INFO = "model.json"
@@ -186,31 +186,21 @@ def select_by_data(
 
 
 # ---- editing -------------------------------------------------------------------------------------------
-def _by_module(members: list[Member]) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for m, c in members:
-        out.setdefault(m, []).append(c)
-    return out
-
-
 @torch.no_grad()
 def edited_target(model: Any, members: list[Member]) -> nn.Module:
     """A copy of the target with W' = W - (sum of the `members`) written into each touched module's own weight;
     everything else (biases, other modules, buffers) unchanged."""
+    member_masks(model, members)  # checks every member exists
     target = copy.deepcopy(model.target)
     named = dict(target.named_modules())
-    by_mod = _by_module(members)
+    removed = Mechanism("ablated", tuple(members)).weights(model)  # {module: summed pieces (d_in, d_out)}
     seen: dict[int, str] = {}
-    for mod in by_mod:
-        if mod not in model.Cs:
-            raise ValueError(f"no decomposed module {mod!r} (decomposed: {list(model.Cs)})")
+    for mod in removed:
         ptr = named[mod].weight.data_ptr()
         if ptr in seen:
             raise ValueError(f"{mod!r} and {seen[ptr]!r} share one weight tensor (tied); ablate in one of them only")
         seen[ptr] = mod
-    for mod, idx in by_mod.items():
-        comp = model.comp(mod)
-        delta = comp.weight_of(torch.tensor(idx, device=comp.V.device))  # (d_in, d_out)
+    for mod, delta in removed.items():
         w = named[mod].weight
         w -= (delta.T if module_kind(named[mod]) == "linear" else delta).to(w.dtype)
     return target

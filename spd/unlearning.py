@@ -69,17 +69,25 @@ def halves(x: Any) -> tuple[Any, Any]:
 
 @torch.no_grad()
 def measure(
-    target: nn.Module, original: nn.Module, x: Any, metrics: TaskMetrics | None, output_loss: str, batch_size: int
+    target: nn.Module,
+    original: nn.Module,
+    x: Any,
+    metrics: TaskMetrics | None,
+    output_loss: str,
+    batch_size: int,
+    divergence: bool = True,
 ) -> dict[str, float]:
-    """Means over x of the task metrics (loss, accuracy, ...) and of the divergence from the original output."""
+    """Means over x of the task metrics (loss, accuracy, ...) and, with `divergence` (always when the task has no
+    metrics), of the divergence from the original output (one more pass of the original per batch)."""
     div = DIVERGENCES[output_loss]
     sums: dict[str, float] = {}
     n = 0
     for xb in chunks(x, batch_size):
-        out, ref = run_target(target, xb), run_target(original, xb)
+        out = run_target(target, xb)
         b = batch_len(xb)
         vals = {k: v.double().sum().item() for k, v in (metrics(xb, out) if metrics else {}).items()}
-        vals[f"{output_loss}_to_original"] = div(out, ref).item() * b
+        if divergence or metrics is None:
+            vals[f"{output_loss}_to_original"] = div(out, run_target(original, xb)).item() * b
         for k, v in vals.items():
             sums[k] = sums.get(k, 0.0) + v
         n += b
@@ -193,6 +201,9 @@ def unlearning_study(
     def on(t: nn.Module, x: Any) -> dict[str, float]:
         return measure(t, original, x, metrics, output_loss, batch_size)
 
+    def forget_score(t: nn.Module) -> float:  # the matched quantity only (baselines evaluate it every step)
+        return measure(t, original, f_eval, metrics, output_loss, batch_size, divergence=False)[key]
+
     def entry(t: nn.Module, **extra: Any) -> dict[str, Any]:
         stats = edit_stats(original, t)
         return {"forget": on(t, f_eval), "retain": on(t, r_eval), "parameters_changed": stats["parameters_changed"],
@@ -215,11 +226,11 @@ def unlearning_study(
         mods = [m for m in model.module_names if neuron_modules is None or fnmatch.fnmatchcase(m, neuron_modules)]
         if not mods:
             raise ValueError(f"--neurons {neuron_modules!r} matches no decomposed module ({list(model.module_names)})")
-        t, info = _neurons_matched(original, mods, f_sel, r_sel, rule, lambda t: on(t, f_eval)[key], target_loss,
+        t, info = _neurons_matched(original, mods, f_sel, r_sel, rule, forget_score, target_loss,
                                    batch_size)  # fmt: skip
         methods["neurons"], out_models["neurons"] = entry(t, **info), t
         obj = _objective(original, metrics, output_loss)
-        t, info = _gradient_ascent(original, list(model.module_names), f_sel, obj, lambda t: on(t, f_eval)[key],
+        t, info = _gradient_ascent(original, list(model.module_names), f_sel, obj, forget_score,
                                    target_loss, ga_lr, ga_max_steps, batch_size)  # fmt: skip
         methods["gradient_ascent"], out_models["gradient_ascent"] = entry(t, **info), t
     for m in methods.values():
