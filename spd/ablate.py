@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from spd import io
 from spd.components import module_kind
 from spd.mechanisms import Grouping, Mechanism, Member, member_masks
+from spd.names import target_modules
 
 EDITED_WEIGHTS = "model.safetensors"
 EDITED_INFO = "model.json"
@@ -192,7 +193,7 @@ def edited_target(model: Any, members: list[Member]) -> nn.Module:
     everything else (biases, other modules, buffers) unchanged."""
     member_masks(model, members)  # checks every member exists
     target = copy.deepcopy(model.target)
-    named = dict(target.named_modules())
+    named = target_modules(target)
     removed = Mechanism("ablated", tuple(members)).weights(model)  # {module: summed pieces (d_in, d_out)}
     seen: dict[int, str] = {}
     for mod in removed:

@@ -69,6 +69,15 @@ def _print_summary(results: dict[str, Any], path: Path | None) -> None:
             f"adversarial recon ({results['recon/adversarial_budget']}): "
             + ", ".join(f"{k.removeprefix('recon/adversarial_')} {v:.3g}" for k, v in adv.items())
         )
+    if "lm/ce/target" in results:
+        kinds = [k.removeprefix("lm/kl/") for k in results if k.startswith("lm/kl/")]
+        print(f"language model: target next-token CE {results['lm/ce/target']:.4f} nats; per mask (all matrices):")
+        for kind in kinds:
+            print(
+                f"  {kind:12s} KL {results[f'lm/kl/{kind}']:.4f}  CE diff {results[f'lm/ce_diff/{kind}']:+.4f}  "
+                f"CE unrecovered {results.get(f'lm/ce_unrecovered/{kind}', float('nan')):.3f}"
+            )
+        print(f"  (CE unrecovered baseline: {results.get('lm/ce_unrecovered_baseline')})")
     if gt:
         print("ground truth:")
         for k, v in gt.items():
@@ -91,22 +100,32 @@ def _default_out(config: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from spd import distributed
     from spd.config import load_config
     from spd.run import decompose
 
     cfg = load_config(args.config, args.set)
+    parallel = distributed.init_from_env(cfg.train.device)  # under torchrun: data parallel over its processes
     out = Path(args.out) if args.out else _default_out(args.config)
-    print(f"decomposing {cfg.target.factory} into {out}")
+    out = Path(str(distributed.broadcast_object(str(out))))  # one directory, named by rank 0
+    if distributed.is_main():
+        ranks = f" (data parallel over {distributed.world_size()} processes)" if parallel else ""
+        print(f"decomposing {cfg.target.factory} into {out}{ranks}")
     run, results = decompose(cfg, out, progress=not args.quiet)
-    _print_summary(results, out)
+    if distributed.is_main():
+        _print_summary(results, out)
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from spd import distributed
+    from spd.config import load_config
     from spd.run import resume
 
+    distributed.init_from_env(load_config(Path(args.run_dir) / "config.yaml").train.device)
     run, results = resume(args.run_dir, progress=not args.quiet)
-    _print_summary(results, Path(args.run_dir))
+    if distributed.is_main():
+        _print_summary(results, Path(args.run_dir))
     return 0
 
 
@@ -424,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunDirError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"spd: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        parallel = sys.modules.get("spd.distributed")
+        if parallel is not None:
+            parallel.shutdown()  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

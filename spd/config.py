@@ -29,6 +29,11 @@ class TargetConfig(BaseConfig):
         description="safetensors state dict of an already trained target (e.g. from `spd toy train`); "
         "the factory loads it instead of training",
     )
+    source: dict[str, Any] | None = Field(
+        None,
+        description="filled in by the run: where the target's weights came from (path, revision, sha256 of each "
+        "weight file); a reload refuses files whose hashes differ",
+    )
 
     @field_validator("factory")
     @classmethod

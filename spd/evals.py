@@ -9,6 +9,7 @@ import torch
 from spd.adversarial import Budget, attack
 from spd.config import EvalConfig
 from spd.ground_truth import GroundTruth, alive_counts, score
+from spd.lm_metrics import LMTally, summarise, token_ids
 from spd.losses import DIVERGENCES, faithfulness_per_module, masked_recon_loss
 from spd.masks import delta_masks, make_masks
 from spd.model import ComponentModel
@@ -33,28 +34,50 @@ def adversarial_budget(cfg: EvalConfig) -> Budget:
 
 
 def batch_metrics(
-    model: ComponentModel, x: Any, cfg: EvalConfig, output_loss: str, mask_gen: torch.Generator, full: bool = True
+    model: ComponentModel,
+    x: Any,
+    cfg: EvalConfig,
+    output_loss: str,
+    mask_gen: torch.Generator,
+    full: bool = True,
+    lm: list[LMTally] | None = None,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Reconstruction under every mask kind (only stochastic and adversarial unless `full`) and CI-L0 on one
-    batch; returns the metrics and the lower CIs."""
+    batch; returns the metrics and the lower CIs. With `lm` (x holds token ids), the batch's per-position KL and
+    next-token CE under each all-module mask kind are appended to it as an LMTally."""
     div = DIVERGENCES[output_loss]
     clean = model.clean_pass(x)
     target_out = clean.output
     ci = model.importances(x, clean).lower
+    tally = LMTally(token_ids(x), target_out) if lm is not None else None
     row: dict[str, float] = {}
+
+    def all_modules(kind: str, masks: dict[str, torch.Tensor], dm: dict[str, torch.Tensor] | None = None) -> float:
+        out = model(x, masks, dm)
+        if tally is not None:
+            tally.add(kind, out)
+        return div(out, target_out).item()
+
     if full:
         for kind in ("ci", "rounded", "ones", "zeros", "random"):
             masks = make_masks(ci, kind, threshold=cfg.ci_threshold, generator=mask_gen)
-            row[f"recon/{kind}"] = masked_recon_loss(model, x, target_out, masks, "all", div).item()
+            row[f"recon/{kind}"] = all_modules(kind, masks)
+        # the wrapping itself must not change the target: every module patched, none replaced
+        row["check/wrapped_max_abs_diff"] = (model(x, cache={}) - target_out).abs().max().item()
     stoch = make_masks(ci, "stochastic", generator=mask_gen)
     dm = delta_masks(ci, mask_gen) if model.delta_component else None
-    for routing in ("all", "layerwise"):
-        row[f"recon/stochastic_{routing}"] = masked_recon_loss(model, x, target_out, stoch, routing, div, dm).item()
+    row["recon/stochastic_all"] = all_modules("stochastic", stoch, dm)
+    row["recon/stochastic_layerwise"] = masked_recon_loss(model, x, target_out, stoch, "layerwise", div, dm).item()
     budget = adversarial_budget(cfg)
     if budget.n_steps > 0:
         for routing in cfg.adversarial.routings:
-            loss = attack(model, x, target_out, ci, routing, div, budget, mask_gen)
+            adv_div = tally.recording(div) if tally is not None and routing == "all" else div
+            loss = attack(model, x, target_out, ci, routing, adv_div, budget, mask_gen)
             row[f"recon/adversarial_{routing}@{budget.label}"] = loss.item()
+            if adv_div is not div and tally is not None and tally.last is not None:
+                tally.add("adversarial", tally.last)
+    if tally is not None and lm is not None:
+        lm.append(tally)
     row["recon/zero_output_baseline"] = div(torch.zeros_like(target_out), target_out).item()
     for n, v in ci_l0(ci, cfg.ci_threshold).items():
         row[f"ci_l0/{n}"] = v
@@ -83,21 +106,26 @@ def evaluate(
     output_loss: str = "mse",
     seed: int = 0,
     ground_truth: GroundTruth | None = None,
+    causal_lm: bool = False,
 ) -> dict[str, Any]:
     """Faithfulness, CI-L0, alive counts, reconstruction under every mask kind (adversarial included, its
-    budget in the key), how decisive the CIs are, and ground-truth scores."""
+    budget in the key), how decisive the CIs are, and ground-truth scores; for a causal LM (inputs are token ids)
+    also the `spd.lm_metrics` keys (lm/...), with CI-L0 counted per token."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)  # data (CPU)
     mask_gen = torch.Generator(device=device).manual_seed(seed + EVAL_SEED_OFFSET)
     sums: dict[str, float] = {}
     data_ci = []
+    tallies: list[LMTally] | None = [] if causal_lm else None
     for _ in range(cfg.n_batches):
         x = to_device(sample_batch(cfg.batch_size, gen), device)
-        row, ci = batch_metrics(model, x, cfg, output_loss, mask_gen)
+        row, ci = batch_metrics(model, x, cfg, output_loss, mask_gen, lm=tallies)
         data_ci.append(ci)
-        for k, v in row.items():
-            sums[k] = sums.get(k, 0.0) + v / cfg.n_batches
+        for k, v in row.items():  # means over batches; check/ values are maxima
+            sums[k] = max(sums.get(k, 0.0), v) if k.startswith("check/") else sums.get(k, 0.0) + v / cfg.n_batches
     out: dict[str, Any] = dict(sums)
+    if tallies:
+        out |= summarise(tallies)
     if cfg.adversarial.n_steps > 0:
         out["recon/adversarial_budget"] = adversarial_budget(cfg).describe()
     near: dict[str, list[int]] = {}

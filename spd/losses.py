@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from jaxtyping import Float
 from pydantic import Field
 from torch import Tensor
@@ -31,11 +32,63 @@ def mse(pred: Float[Tensor, "... d"], target: Float[Tensor, "... d"]) -> Tensor:
     return F.mse_loss(pred, target)
 
 
+CHUNK_ELEMENTS = 1 << 22  # logits entries per chunk of the vocabulary-wide losses (16 MB in float32)
+
+
+def _kl_rows(pred: Float[Tensor, "n vocab"], target: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
+    logp = pred.float().log_softmax(-1)
+    logq = target.float().log_softmax(-1)
+    return (logq.exp() * (logq - logp)).sum(-1)
+
+
+def _row_chunks(n: int, vocab: int) -> list[slice]:
+    rows = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
+def kl_per_position(pred_logits: Float[Tensor, "... vocab"], target_logits: Float[Tensor, "... vocab"]) -> Tensor:
+    """KL(softmax(target) || softmax(pred)) at every position (shape `...`), in float32.
+
+    Computed over chunks of positions, so no more than one chunk's log-softmax exists beside the logits; with
+    gradients, each chunk is recomputed in the backward pass (activation checkpointing) instead of keeping its
+    log-probabilities, so memory beyond the logits themselves stays one chunk.
+    """
+    shape = pred_logits.shape[:-1]
+    p, q = pred_logits.flatten(0, -2), target_logits.flatten(0, -2)
+    parts = _row_chunks(p.shape[0], p.shape[-1])
+    if len(parts) == 1:
+        return _kl_rows(p, q).reshape(shape)
+    grad = torch.is_grad_enabled() and (p.requires_grad or q.requires_grad)
+    out = [
+        torch.utils.checkpoint.checkpoint(_kl_rows, p[s], q[s], use_reentrant=False) if grad else _kl_rows(p[s], q[s])
+        for s in parts
+    ]
+    return torch.cat(out).reshape(shape)
+
+
 def kl(pred_logits: Float[Tensor, "... vocab"], target_logits: Float[Tensor, "... vocab"]) -> Tensor:
-    """KL(softmax(target) || softmax(pred)), summed over the vocabulary, averaged over positions."""
-    logp = pred_logits.log_softmax(-1).flatten(0, -2)
-    logq = target_logits.log_softmax(-1).flatten(0, -2)
-    return F.kl_div(logp, logq, log_target=True, reduction="batchmean")
+    """KL(softmax(target) || softmax(pred)), summed over the vocabulary, averaged over positions (chunked: see
+    `kl_per_position`)."""
+    return kl_per_position(pred_logits, target_logits).mean()
+
+
+def _ce_rows(logits: Float[Tensor, "n vocab"], labels: Tensor) -> Float[Tensor, " n"]:
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def next_token_ce(logits: Float[Tensor, "... seq vocab"], tokens: Tensor) -> Float[Tensor, "... seq_minus_1"]:
+    """Cross-entropy of predicting tokens[..., t+1] from logits[..., t], per position, in chunks over positions."""
+    pred = logits[..., :-1, :].flatten(0, -2)
+    labels = tokens[..., 1:].flatten()
+    parts = _row_chunks(pred.shape[0], pred.shape[-1])
+    grad = torch.is_grad_enabled() and pred.requires_grad and len(parts) > 1
+    out = [
+        torch.utils.checkpoint.checkpoint(_ce_rows, pred[s], labels[s], use_reentrant=False)
+        if grad
+        else _ce_rows(pred[s], labels[s])
+        for s in parts
+    ]
+    return torch.cat(out).reshape(tokens[..., 1:].shape)
 
 
 DIVERGENCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": mse, "kl": kl}

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from spd.base_config import BaseConfig
 from spd.ci import CIConfig, _key, build_ci_function
 from spd.components import SUPPORTED, Components, TransposedComponents, module_kind
+from spd.names import hook_aliases, target_modules
 from spd.sigmoids import SIGMOIDS, SigmoidType
 
 
@@ -52,17 +53,29 @@ class CausalImportances:
 
 
 def match_modules(target: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
-    """Resolve glob patterns over `named_modules()` to {module name: C}; clear errors for bad patterns."""
-    names = [n for n, _ in target.named_modules() if n]
-    modules = dict(target.named_modules())
+    """Resolve glob patterns to {module name: C}; clear errors for bad patterns.
+
+    Patterns match clean module names (`spd.names`: bridge wrappers left out) or, for TransformerLens targets, the
+    hook-name prefixes (`blocks.*.mlp.in` for `blocks.*.mlp.fc_in`); the result is keyed by clean names. A glob
+    (`*`, `?`, `[`) takes the decomposable modules among its matches (`mlp.*` skips the activation function); a
+    name without one must name a decomposable module.
+    """
+    modules = target_modules(target)
+    names = list(modules)
+    aliases = hook_aliases(target)
     out: dict[str, int] = {}
     for spec in specs:
         hits = [n for n in names if fnmatch.fnmatchcase(n, spec.pattern)]
+        hits += [c for a, c in aliases.items() if fnmatch.fnmatchcase(a, spec.pattern) and c not in hits]
         if not hits:
-            sample = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+            ok = [n for n in names if module_kind(modules[n]) is not None]
+            sample = ", ".join(ok[:12]) + (" ..." if len(ok) > 12 else "")
             raise ValueError(
-                f"module pattern {spec.pattern!r} matches no module of the target; its modules are: {sample}"
+                f"module pattern {spec.pattern!r} matches no module of the target; its decomposable modules are: "
+                f"{sample}"
             )
+        if any(ch in spec.pattern for ch in "*?[") and any(module_kind(modules[n]) is not None for n in hits):
+            hits = [n for n in hits if module_kind(modules[n]) is not None]  # a glob takes the weights it meets
         for n in hits:
             if module_kind(modules[n]) is None:
                 raise ValueError(
@@ -105,7 +118,7 @@ class ComponentModel(nn.Module):
         self.target = target
         self.Cs = match_modules(target, modules)
         self.module_names = list(self.Cs)
-        named = dict(target.named_modules())
+        named = target_modules(target)
         self._target_modules = {n: named[n] for n in self.module_names}
         self.tied = {b: a for a, b in (tied or [])}
         comps: dict[str, Components] = {}
@@ -272,6 +285,37 @@ class ComponentModel(nn.Module):
         """Hook run by the trainer after every optimizer step (APD: optional unit-norm projection)."""
 
     # ---- helpers for notebooks --------------------------------------------------------------------------
+    @torch.no_grad()
+    def run_with_cache(
+        self, x: Any, masks: dict[str, Tensor] | None = None, delta_masks: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Output and a cache keyed like TransformerLens's `run_with_cache`: for each decomposed module, under its
+        hook-name prefix (`blocks.0.mlp.in` for a bridge's `blocks.0.mlp.fc_in`; the module name otherwise),
+
+        - `<prefix>.hook_in`: the module's input (..., d_in) in this pass;
+        - `<prefix>.hook_subcomponent_acts`: input @ V, each subcomponent's inner activation (..., C);
+        - `<prefix>.hook_ci`: causal importances (lower, ..., C), always from the clean pass (where they are
+          defined), and `<prefix>.hook_ci_upper` (the ones the minimality penalty reads).
+
+        With `masks` the pass is the masked one (as `forward`); without, the target's own."""
+        clean = self.clean_pass(x)
+        ci = self.importances(x, clean)
+        acts = clean.acts
+        out = clean.output
+        if masks is not None:
+            acts = {}
+            out = self(x, masks, delta_masks, cache=acts)
+        inner = self.inner_acts(acts)
+        prefix = {clean_name: hook for hook, clean_name in hook_aliases(self.target).items()}
+        cache: dict[str, Tensor] = {}
+        for n in self.module_names:
+            p = prefix.get(n, n)
+            cache[f"{p}.hook_in"] = acts[n]
+            cache[f"{p}.hook_subcomponent_acts"] = inner[n]
+            cache[f"{p}.hook_ci"] = ci.lower[n]
+            cache[f"{p}.hook_ci_upper"] = ci.upper[n]
+        return out, cache
+
     def alive_subcomponents(self, x: Any, threshold: float = 0.1) -> dict[str, Tensor]:
         """Indices of subcomponents whose lower CI exceeds `threshold` on at least one input of the batch."""
         ci = self.causal_importances(x).lower

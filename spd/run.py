@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from spd import io
+from spd import distributed, io
 from spd.apd import APDModel
 from spd.base_config import ConfigError
 from spd.config import Config, load_config
@@ -34,7 +34,8 @@ class Run:
     def evaluate(self) -> dict[str, Any]:
         """Evaluation results plus `diagnostics`: warnings (strings) about this run, empty when none fire."""
         c = self.config
-        results = evaluate(self.model, self.task.sample_batch, c.eval, c.output_loss, c.seed, self.task.ground_truth)
+        t = self.task
+        results = evaluate(self.model, t.eval_sampler, c.eval, c.output_loss, c.seed, t.ground_truth, t.causal_lm)
         return results | {"diagnostics": [str(d) for d in self.diagnose(results)]}
 
     def diagnose(self, results: dict[str, Any]) -> list[Diagnostic]:
@@ -91,57 +92,92 @@ def _finish(run: Run, log: MetricsLog | None, seconds: float) -> dict[str, Any]:
     return results
 
 
-def decompose(cfg: Config, run_dir: str | Path | None = None, progress: bool = True) -> tuple[Run, dict[str, Any]]:
-    """Build the target, decompose it and evaluate. With `run_dir`, everything is saved there."""
+def decompose(
+    cfg: Config, run_dir: str | Path | None = None, progress: bool = True, task: Task | None = None
+) -> tuple[Run, dict[str, Any]]:
+    """Build the target, decompose it and evaluate. With `run_dir`, everything is saved there.
+
+    `task`: a target already in memory (e.g. `spd.lm.lm_task(model, tokens)`) instead of the config's factory;
+    its weights are saved in the run, and `load_run(run_dir, task=...)` reloads the run with the same task."""
     path = Path(run_dir) if run_dir is not None else None
-    if path is not None:
+    main = distributed.is_main()  # under torchrun, rank 0 alone writes the run directory and evaluates
+    if path is not None and main:
         io.prepare_run_dir(path)
         (path / io.CONFIG).write_text(cfg.to_yaml())
+    distributed.barrier()
     state = None
     if cfg.target.state_file is not None:
         if not Path(cfg.target.state_file).is_file():
             raise FileNotFoundError(f"target.state_file {cfg.target.state_file!r} does not exist")
         state = io.load_tensors(Path(cfg.target.state_file))
-    task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed, state)
-    if path is not None:
-        io.save_tensors(path / io.TARGET, task.target.state_dict())
+    task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed, state) if task is None else task
+    source = task.info.get("source")
+    if source is not None:
+        cfg = cfg.model_copy(update={"target": cfg.target.model_copy(update={"source": source})})
+    if path is not None and main:
+        (path / io.CONFIG).write_text(cfg.to_yaml())
+        if source is None or state is not None:  # weights with recorded file hashes reload from those files
+            io.save_tensors(path / io.TARGET, task.target.state_dict())
     model = build_model(cfg, task)
-    log = MetricsLog(path / io.METRICS if path else None, cfg.wandb, path.name if path else "", cfg.model_dump())
+    log = _log(cfg, path) if main else None
     _reset_peak_memory(cfg)
     t0 = time.perf_counter()
     train(model, task.sample_batch, cfg, path, log, resume=False, progress=progress)
     run = Run(cfg, task, model, path)
-    return run, _finish(run, log, time.perf_counter() - t0)
+    return run, _finish(run, log, time.perf_counter() - t0) if main else {}
 
 
-def _load_parts(path: Path, device: str | None = None) -> tuple[Config, Task, ComponentModel]:
+def _log(cfg: Config, path: Path | None) -> MetricsLog:
+    return MetricsLog(path / io.METRICS if path else None, cfg.wandb, path.name if path else "", cfg.model_dump())
+
+
+def _load_parts(path: Path, device: str | None = None, task: Task | None = None) -> tuple[Config, Task, ComponentModel]:
     if not (path / io.CONFIG).is_file():
         raise FileNotFoundError(f"{str(path)!r} is not a run directory (no {io.CONFIG})")
     cfg = load_config(path / io.CONFIG)
-    task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed, io.load_tensors(path / io.TARGET))
+    state = io.load_tensors(path / io.TARGET) if (path / io.TARGET).is_file() else None
+    if task is None:
+        task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed, state)
+    elif state is not None:
+        task.target.load_state_dict(state)
+    check_source(cfg, task, path)
     return cfg, task, build_model(cfg, task, device)
 
 
-def resume(run_dir: str | Path, progress: bool = True) -> tuple[Run, dict[str, Any]]:
+def check_source(cfg: Config, task: Task, path: Path) -> None:
+    """Refuse a target whose weight files differ from the ones the run was trained on."""
+    recorded = (cfg.target.source or {}).get("sha256")
+    now = (task.info.get("source") or {}).get("sha256")
+    if recorded and now != recorded:
+        raise ConfigError(
+            f"run {str(path)!r}: the target's weight files changed since the run (recorded sha256 {recorded}, now "
+            f"{now}); restore those files or decompose again"
+        )
+
+
+def resume(run_dir: str | Path, progress: bool = True, task: Task | None = None) -> tuple[Run, dict[str, Any]]:
     """Continue a run from its last checkpoint, on the same trajectory as an uninterrupted run."""
     path = Path(run_dir)
-    cfg, task, model = _load_parts(path)
+    cfg, task, model = _load_parts(path, task=task)
     ckpt = io.latest_checkpoint(path)
     if ckpt is None:
         raise ConfigError(f"run {str(path)!r} has no checkpoint to resume from; start it again with `spd train`")
-    truncate_after(path / io.METRICS, int(ckpt.name.split("_")[1]))
-    log = MetricsLog(path / io.METRICS, cfg.wandb, path.name, cfg.model_dump())
+    main = distributed.is_main()
+    if main:
+        truncate_after(path / io.METRICS, int(ckpt.name.split("_")[1]))
+    log = _log(cfg, path) if main else None
     _reset_peak_memory(cfg)
     t0 = time.perf_counter()
     train(model, task.sample_batch, cfg, path, log, resume=True, progress=progress)
     run = Run(cfg, task, model, path)
-    return run, _finish(run, log, time.perf_counter() - t0)
+    return run, _finish(run, log, time.perf_counter() - t0) if main else {}
 
 
-def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
-    """Load a finished run (or its last checkpoint if it has no final model) without network or pickle."""
+def load_run(run_dir: str | Path, device: str = "cpu", task: Task | None = None) -> Run:
+    """Load a finished run (or its last checkpoint if it has no final model) without network or pickle; `task`
+    for runs decomposed from a model in memory (`decompose(..., task=...)`)."""
     path = Path(run_dir)
-    cfg, task, model = _load_parts(path, device)
+    cfg, task, model = _load_parts(path, device, task)
     step = None
     if (path / io.MODEL).is_file():
         state, source = io.load_tensors(path / io.MODEL), path / io.MODEL

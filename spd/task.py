@@ -34,6 +34,14 @@ class Task:
     subsets: Subsets | None = None  # named slices of the data (forget/retain sets of ablation studies)
     # how to rebuild the target's class without spd: {"class": "module:Name", "kwargs": {...}}
     architecture: dict[str, Any] | None = None
+    # held-out inputs for evaluation (absent: evaluation draws from `sample_batch` with its own seed)
+    sample_eval_batch: BatchSampler | None = None
+    # inputs are token ids (B, L) and the output next-token logits: evaluation adds CE and per-position metrics
+    causal_lm: bool = False
+
+    @property
+    def eval_sampler(self) -> BatchSampler:
+        return self.sample_eval_batch or self.sample_batch
 
 
 def to_device(x: Any, device: torch.device) -> Any:

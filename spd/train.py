@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from spd import io
+from spd import distributed, io
 from spd.adversarial import PersistentAdversary
 from spd.config import Config, LRConfig, WarmupConfig
 from spd.evals import quick_eval
@@ -88,6 +89,40 @@ def build_adversaries(model: ComponentModel, cfg: Config, generator: torch.Gener
     }
 
 
+class StepTimer:
+    """Wall time of training steps (synchronising CUDA), read as a mean since the last read: perf/step_seconds
+    and perf/inputs_per_second (tokens for token-id batches, else samples)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.steps = self.items = 0
+        self.t0 = 0.0
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def start(self) -> None:
+        self._sync()
+        self.t0 = time.perf_counter()
+
+    def stop(self, x: Any) -> None:
+        self._sync()
+        self.seconds += time.perf_counter() - self.t0
+        self.steps += 1
+        ids = x.get("input_ids") if isinstance(x, dict) else x
+        tokens = isinstance(ids, torch.Tensor) and not torch.is_floating_point(ids)
+        self.items += ids.numel() if tokens else (len(ids) if isinstance(ids, torch.Tensor) else 0)
+
+    def read(self) -> dict[str, float]:
+        if not self.steps:
+            return {}
+        out = {"perf/step_seconds": self.seconds / self.steps, "perf/inputs_per_second": self.items / self.seconds}
+        self.seconds, self.steps, self.items = 0.0, 0, 0
+        return out
+
+
 def train_step(
     model: ComponentModel,
     x: Any,
@@ -127,8 +162,10 @@ def train(
     device = torch.device(tc.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"train.device is {tc.device!r} but CUDA is not available here; set train.device=cpu")
-    data_gen = torch.Generator().manual_seed(cfg.seed)  # data is sampled on the CPU, then moved
-    mask_gen = torch.Generator(device=device).manual_seed(cfg.seed + MASK_SEED_OFFSET)
+    rank, main = distributed.rank(), distributed.is_main()
+    seed = cfg.seed + rank * distributed.RANK_SEED_OFFSET  # data parallel: every rank its own data and masks
+    data_gen = torch.Generator().manual_seed(seed)  # data is sampled on the CPU, then moved
+    mask_gen = torch.Generator(device=device).manual_seed(seed + MASK_SEED_OFFSET)
     gens = {"data": data_gen, "mask": mask_gen}
     opt = build_optimizer(model, cfg)
     adversaries = build_adversaries(model, cfg, mask_gen)
@@ -136,10 +173,14 @@ def train(
     ckpt = io.latest_checkpoint(run_dir) if (resume and run_dir is not None) else None
     if ckpt is not None:
         start = io.load_checkpoint(ckpt, model, opt, gens, adversaries) + 1
+        if rank > 0:  # the checkpoint holds rank 0's generators; the others continue on fresh streams of their own
+            data_gen.manual_seed(seed + start)
+            mask_gen.manual_seed(seed + MASK_SEED_OFFSET + start)
     else:
         warm = faithfulness_warmup(model, tc.faithfulness_warmup)
         if log is not None:
             log(0, {"warmup/faithfulness": warm})
+    distributed.broadcast_tensors(p for n, p in model.named_parameters() if not n.startswith("target."))
     if tc.compile:
         compile_ci_function(model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if tc.bf16 else nullcontext()
@@ -147,11 +188,13 @@ def train(
         range(start, tc.steps),
         initial=start,
         total=tc.steps,
-        disable=not progress,
+        disable=not (progress and main),
         ncols=100,
         mininterval=1.0,
     )
+    timer = StepTimer(device)
     for step in bar:
+        timer.start()
         lr = lr_at(step, tc.steps, tc.lr)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -160,18 +203,22 @@ def train(
             loss, terms, ci_lower = train_step(model, x, cfg, mask_gen, step / tc.steps, adversaries)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if distributed.active():
+            shared = [p for g in opt.param_groups for p in g["params"]]
+            distributed.average_gradients(shared + [s for a in adversaries.values() for s in a.s.values()])
         if tc.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip)
         opt.step()
         model.after_optimizer_step()
         for adv in adversaries.values():
             adv.step()  # ascent on the masks, from the gradient the backward pass just left on them
+        timer.stop(x)
         last = step == tc.steps - 1
         if log is not None and tc.eval_every is not None and (step % tc.eval_every == 0 or last):
             row = quick_eval(model, sample_batch, cfg.eval, cfg.output_loss, cfg.seed, step)
             log(step, {f"eval/{k}": v for k, v in row.items()})
         if step % tc.log_every == 0 or last:
-            row = {f"loss/{k}": float(v) for k, v in terms.items()} | {"lr": lr}
+            row = {f"loss/{k}": float(v) for k, v in terms.items()} | {"lr": lr} | timer.read()
             row |= {
                 f"train_ci_l0/{n}": float((g > cfg.eval.ci_threshold).sum(-1).float().mean())
                 for n, g in ci_lower.items()
@@ -179,7 +226,7 @@ def train(
             bar.set_postfix({_short(k): f"{v:.3g}" for k, v in row.items() if k.startswith("loss/")})
             if log is not None:
                 log(step, row)
-        if run_dir is not None and ((step + 1) % tc.checkpoint_every == 0 or last):
+        if main and run_dir is not None and ((step + 1) % tc.checkpoint_every == 0 or last):
             io.save_checkpoint(run_dir, step, model.trainable_state_dict(), opt, gens, tc.keep_checkpoints, adversaries)
     bar.close()
     return model

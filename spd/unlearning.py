@@ -51,6 +51,7 @@ from spd.components import module_kind
 from spd.losses import DIVERGENCES
 from spd.mechanisms import Grouping, member_masks
 from spd.model import output_tensor
+from spd.names import target_modules
 from spd.task import TaskMetrics
 
 Unit = tuple[str, int]  # (module, output index)
@@ -97,7 +98,7 @@ def measure(
 @torch.no_grad()
 def zeroed_target(target: nn.Module, modules: list[str]) -> nn.Module:
     out = copy.deepcopy(target)
-    named = dict(out.named_modules())
+    named = target_modules(out)
     for m in modules:
         named[m].weight.zero_()
     return out
@@ -105,7 +106,7 @@ def zeroed_target(target: nn.Module, modules: list[str]) -> nn.Module:
 
 # ---- neuron baseline -----------------------------------------------------------------------------------
 def neuron_units(target: nn.Module, modules: list[str]) -> list[Unit]:
-    named = dict(target.named_modules())
+    named = target_modules(target)
     units: list[Unit] = []
     for m in modules:
         kind = module_kind(named[m])
@@ -119,7 +120,7 @@ def neuron_units(target: nn.Module, modules: list[str]) -> list[Unit]:
 @torch.no_grad()
 def zero_units(target: nn.Module, units: list[Unit]) -> None:
     """Zero output unit j of module m in place: its row of W (nn.Linear; a column for Conv1D) and bias entry."""
-    named = dict(target.named_modules())
+    named = target_modules(target)
     for m, j in units:
         mod = named[m]
         if module_kind(mod) == "linear":
@@ -133,7 +134,7 @@ def zero_units(target: nn.Module, units: list[Unit]) -> None:
 @torch.no_grad()
 def neuron_effects(target: nn.Module, units: list[Unit], x: Any, batch_size: int) -> Float[Tensor, "n U"]:
     """Per input and unit: the squared change of the output (summed over its entries) with that unit zeroed."""
-    named = dict(target.named_modules())
+    named = target_modules(target)
     cols = []
     for xb in chunks(x, batch_size):
         ref = run_target(target, xb)
@@ -304,7 +305,7 @@ def _gradient_ascent(
     forget_loss: Callable[[nn.Module], float], target_loss: float, lr: float, max_steps: int, batch_size: int,
 ) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
     t = copy.deepcopy(original)
-    named = dict(t.named_modules())
+    named = target_modules(t)
     params = list({id(named[m].weight): named[m].weight for m in modules}.values())
     for p in params:
         p.requires_grad_(True)

@@ -12,6 +12,7 @@ CHECKED = [
     "spd.cluster",
     "spd.components",
     "spd.ground_truth",
+    "spd.lm_metrics",
     "spd.losses",
     "spd.masks",
     "spd.mechanisms",
@@ -27,6 +28,7 @@ with install_import_hook(CHECKED, "beartype.beartype"):
     import spd.cluster  # noqa: F401
     import spd.components  # noqa: F401
     import spd.ground_truth  # noqa: F401
+    import spd.lm_metrics  # noqa: F401
     import spd.losses  # noqa: F401
     import spd.masks  # noqa: F401
     import spd.mechanisms  # noqa: F401

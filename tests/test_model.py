@@ -11,7 +11,12 @@ def test_pattern_errors(two_layer):
         ComponentModel(two_layer, [ModuleSpec(pattern="nope", C=3)], CIConfig())
     seq = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
     with pytest.raises(ValueError, match="'1', a LayerNorm, which cannot be decomposed"):
-        ComponentModel(seq, [ModuleSpec(pattern="*", C=3)], CIConfig())
+        ComponentModel(seq, [ModuleSpec(pattern="1", C=3)], CIConfig())
+    # a glob takes the weight matrices among its matches (the LayerNorm is skipped) ...
+    assert ComponentModel(seq, [ModuleSpec(pattern="*", C=3)], CIConfig()).module_names == ["0"]
+    # ... and errors when it meets none
+    with pytest.raises(ValueError, match="pattern '1\\*' matches '1', a LayerNorm"):
+        ComponentModel(seq, [ModuleSpec(pattern="1*", C=3)], CIConfig())
     with pytest.raises(ValueError, match="more than one pattern"):
         ComponentModel(two_layer, [ModuleSpec(pattern="fc*", C=3), ModuleSpec(pattern="fc1", C=2)], CIConfig())
 

@@ -1,0 +1,287 @@
+"""Language-model targets: tiny transformers and TransformerLens models decompose end to end on the CPU, LM metrics
+against hand-computed cases, names (bridge wrappers, hook aliases), corpus loading and source recording."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spd import io, losses
+from spd.base_config import ConfigError
+from spd.cli import main
+from spd.config import load_config
+from spd.lm import generate_rows, lm_task, load_corpus, rows_from_text, sha256_file, state_hash
+from spd.lm_metrics import LMTally, summarise
+from spd.model import ComponentModel, ModuleSpec, match_modules
+from spd.names import clean_name, hook_aliases, target_modules
+from spd.run import decompose, load_run
+from tests.lm_helpers import SEQ, TL_CONFIG, VOCAB, lm_config, make_lm_assets, progression_corpus
+
+LM_KINDS = ("ci", "rounded", "ones", "zeros", "random", "stochastic", "adversarial")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_lm_assets(tmp_path_factory.mktemp("lm"))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPD_CACHE", str(tmp_path / "cache"))
+
+
+def hf_target(assets, **kw):
+    return {
+        "factory": "spd.lm:causal_lm_task",
+        "kwargs": {"model": str(assets["llama"]), "data": {"tokens": str(assets["tokens"])}, "seq_len": SEQ, **kw},
+    }
+
+
+def tl_target(assets):
+    return {
+        "factory": "spd.lm:tl_native_task",
+        "kwargs": {"config": TL_CONFIG, "data": {"tokens": str(assets["tokens"])}, "seq_len": SEQ},
+        "state_file": str(assets["tl_state"]),
+    }
+
+
+# ---- metrics against hand-computed cases ------------------------------------------------------------------
+def test_kl_and_ce_hand_case():
+    # target p = (1/2, 1/2), prediction q = (1/4, 3/4): KL(p || q) = 1/2 ln 2 + 1/2 ln(2/3)
+    target = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    pred = torch.log(torch.tensor([[[0.25, 0.75]]]))
+    expected = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
+    assert losses.kl(pred, target).item() == pytest.approx(expected, rel=1e-6)
+    # CE of predicting token 1 then 0 from logits at positions 0 and 1: -ln q(1) - ln p(0)
+    logits = torch.log(torch.tensor([[[0.25, 0.75], [0.5, 0.5], [0.9, 0.1]]]))
+    ce = losses.next_token_ce(logits, torch.tensor([[0, 1, 0]]))
+    assert ce.tolist()[0] == pytest.approx([-math.log(0.75), -math.log(0.5)], rel=1e-6)
+
+
+def test_chunked_kl_and_ce_equal_unchunked_with_gradients(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(3, 5, 11, generator=g, requires_grad=True)
+    target = torch.randn(3, 5, 11, generator=g)
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    ref_kl = F.kl_div(pred.log_softmax(-1), target.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
+    ref_ce = F.cross_entropy(pred[:, :-1].reshape(-1, 11), tokens[:, 1:].reshape(-1))
+    (ref_grad,) = torch.autograd.grad(ref_kl + ref_ce, pred)
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 22)  # two positions per chunk: 8 chunks of the 15 positions
+    assert len(losses._row_chunks(15, 11)) == 8
+    kl = losses.kl(pred, target)
+    ce = losses.next_token_ce(pred, tokens).mean()
+    (grad,) = torch.autograd.grad(kl + ce, pred)
+    assert kl.item() == pytest.approx(ref_kl.item(), rel=1e-5)
+    assert ce.item() == pytest.approx(ref_ce.item(), rel=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_summary_ce_unrecovered_hand_case():
+    """Targets predict token 1 with p = 1/2; the zeros baseline with 1/4, 'ci' with 1/3: CE unrecovered of ci is
+    (ln 3 - ln 2) / (ln 4 - ln 2)."""
+    tokens = torch.tensor([[0, 1]])
+
+    def logits(p1: float) -> torch.Tensor:
+        return torch.log(torch.tensor([[[1 - p1, p1], [0.5, 0.5]]]))
+
+    tally = LMTally(tokens, logits(0.5))
+    tally.add("zeros", logits(0.25))
+    tally.add("ci", logits(1 / 3))
+    out = summarise([tally])
+    assert out["lm/ce/target"] == pytest.approx(math.log(2), rel=1e-6)
+    assert out["lm/ce_diff/ci"] == pytest.approx(math.log(3) - math.log(2), rel=1e-5)
+    assert out["lm/ce_unrecovered/ci"] == pytest.approx((math.log(3) - math.log(2)) / math.log(2), rel=1e-5)
+    assert out["lm/ce_unrecovered/zeros"] == pytest.approx(1.0)
+    assert out["lm/kl_by_position/ci"][1] == pytest.approx(0.0, abs=1e-7)  # position 1 is identical
+    assert "ablated" in out["lm/ce_unrecovered_baseline"]
+
+
+# ---- names ----------------------------------------------------------------------------------------------
+def test_clean_names_and_hook_aliases_of_a_bridge(assets):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    assert clean_name("blocks.0._original_component.attn._original_component.q._original_component") == (
+        "blocks.0.attn.q"
+    )
+    bridge = TransformerBridge.boot_native(dict(TL_CONFIG))
+    mods = target_modules(bridge)
+    assert isinstance(mods["blocks.1.attn.q"], nn.Linear)  # the wrapped Linear, not its LinearBridge
+    assert isinstance(mods["embed"], nn.Embedding)
+    assert hook_aliases(bridge)["blocks.0.mlp.in"] == "blocks.0.mlp.fc_in"
+    specs = [ModuleSpec(pattern="blocks.*.attn.[qkvo]", C=4), ModuleSpec(pattern="blocks.*.mlp.out", C=4)]
+    got = match_modules(bridge, specs)
+    assert list(got) == [f"blocks.{i}.attn.{p}" for i in (0, 1) for p in "qkvo"] + [
+        "blocks.0.mlp.fc_out",
+        "blocks.1.mlp.fc_out",
+    ]
+    with pytest.raises(ValueError, match="matches no module"):
+        match_modules(bridge, [ModuleSpec(pattern="blocks.*.attention.q", C=4)])
+
+
+# ---- corpora --------------------------------------------------------------------------------------------
+def test_text_rows_and_token_file_errors(tmp_path):
+    class Tok:
+        bos_token_id = 7
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [int(c) for c in text]}
+
+    rows = rows_from_text("123456789", Tok(), 4)  # rows of 3 tokens after BOS; the last token is dropped
+    assert rows.tolist() == [[7, 1, 2, 3], [7, 4, 5, 6], [7, 7, 8, 9]]
+    io.save_tensors(tmp_path / "f.safetensors", {"x": torch.zeros(4, 3)})
+    with pytest.raises(ValueError, match="integer"):
+        load_corpus({"tokens": str(tmp_path / "f.safetensors")}, 3, nn.Linear(1, 1), None, {})
+    with pytest.raises(ValueError, match="exactly one of"):
+        load_corpus({"tokens": "a", "generate": 4}, 3, nn.Linear(1, 1), None, {})
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_corpus({"tokns": "a"}, 3, nn.Linear(1, 1), None, {})
+
+
+def test_generated_corpus_is_deterministic_and_cached(assets, tmp_path):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_native(dict(TL_CONFIG))
+    bridge.load_state_dict(io.load_tensors(assets["tl_state"]))
+    a = generate_rows(bridge, 1, 5, SEQ, 1.0, seed=3)
+    assert a.shape == (5, SEQ) and torch.equal(a, generate_rows(bridge, 1, 5, SEQ, 1.0, seed=3))
+    # the trained model continues progressions: most sampled steps repeat the previous difference
+    d = (a[:, 2:] - a[:, 1:-1]) % VOCAB == (a[:, 1:-1] - a[:, :-2]) % VOCAB
+    assert d.float().mean() > 0.8
+    key = {"state": state_hash(bridge)}
+    rows = load_corpus({"generate": 5, "data_seed": 3}, SEQ, bridge, None, key)
+    cached = list((tmp_path / "cache" / "corpora").glob("*.safetensors"))
+    assert len(cached) == 1 and torch.equal(io.load_tensors(cached[0])["input_ids"], rows)
+
+
+# ---- end to end -----------------------------------------------------------------------------------------
+def _assert_lm_results(results):
+    assert results["check/wrapped_max_abs_diff"] == 0.0  # the patched target is the target, bit for bit
+    for kind in LM_KINDS:
+        for key in ("lm/kl/", "lm/ce/", "lm/ce_diff/", "lm/ce_unrecovered/"):
+            assert math.isfinite(results[key + kind]), key + kind
+        assert len(results[f"lm/kl_by_position/{kind}"]) == SEQ
+    assert results["lm/ce/target"] < 1.0  # the trained target has learnt the progressions
+    assert results["lm/kl/stochastic"] < results["lm/kl/zeros"]
+
+
+def test_transformers_model_decomposes_end_to_end(assets, tmp_path, capsys):
+    cfg = load_config(lm_config(hf_target(assets), ["model.layers.*.self_attn.[qkvo]_proj", "model.layers.*.mlp.*"]))
+    run, results = decompose(cfg, tmp_path / "run", progress=False)
+    assert len(run.model.module_names) == 14  # 4 attention + 3 MLP matrices per layer
+    _assert_lm_results(results)
+    # the weights' source is recorded in the run's config, and the target is not copied into the run
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.target.source["sha256"] == {"model.safetensors": sha256_file(assets["llama"] / "model.safetensors")}
+    assert not (tmp_path / "run" / io.TARGET).exists()
+    # with every subcomponent on and the delta component at 1, the masked model is the target
+    x = run.task.eval_sampler(8, torch.Generator().manual_seed(0))
+    ones = {n: torch.ones(*x.shape, run.model.Cs[n]) for n in run.model.module_names}
+    dm = {n: torch.ones(x.shape) for n in run.model.module_names}
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(x, ones, dm), run.model.target(x).logits, rtol=1e-4, atol=1e-4)
+    assert main(["eval", str(tmp_path / "run"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    _assert_lm_results(out)
+    assert out["target/kind"] == "causal_lm"
+
+
+def test_reload_refuses_changed_weight_files(assets, tmp_path):
+    model_dir = tmp_path / "llama"
+    shutil.copytree(assets["llama"], model_dir)
+    target = hf_target(assets)
+    target["kwargs"]["model"] = str(model_dir)
+    cfg = load_config(lm_config(target, ["model.layers.0.mlp.down_proj"], steps=2))
+    decompose(cfg, tmp_path / "run", progress=False)
+    load_run(tmp_path / "run")  # unchanged files reload
+    weights = io.load_tensors(model_dir / "model.safetensors")
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 1.01
+    io.save_tensors(model_dir / "model.safetensors", weights)
+    with pytest.raises(ConfigError, match="weight files changed"):
+        load_run(tmp_path / "run")
+
+
+def test_transformerlens_native_bridge_decomposes_end_to_end(assets, tmp_path):
+    """Attention q, k, v, o and both MLP matrices of every block, selected by clean names and a hook alias;
+    subcomponent activations and CIs are readable at TransformerLens hook names."""
+    patterns = ["blocks.*.attn.[qkvo]", "blocks.*.mlp.in", "blocks.*.mlp.fc_out"]
+    run, results = decompose(load_config(lm_config(tl_target(assets), patterns)), tmp_path / "run", progress=False)
+    assert run.model.module_names[:2] == ["blocks.0.attn.q", "blocks.0.attn.k"]
+    assert "blocks.1.mlp.fc_in" in run.model.module_names
+    _assert_lm_results(results)
+    assert (tmp_path / "run" / io.TARGET).is_file()  # no file source: the trained weights are kept with the run
+    reloaded = load_run(tmp_path / "run")
+    x = reloaded.task.eval_sampler(4, torch.Generator().manual_seed(0))
+    logits, cache = reloaded.model.run_with_cache(x)
+    torch.testing.assert_close(logits, reloaded.model.target(x))
+    C = run.model.Cs["blocks.0.mlp.fc_in"]
+    assert cache["blocks.0.mlp.in.hook_subcomponent_acts"].shape == (4, SEQ, C)
+    assert cache["blocks.0.mlp.in.hook_ci"].shape == (4, SEQ, C)
+    assert cache["blocks.1.attn.q.hook_in"].shape == (4, SEQ, TL_CONFIG["d_model"])
+    _, masked = reloaded.model.run_with_cache(
+        x, {n: torch.zeros(4, SEQ, c) for n, c in reloaded.model.Cs.items() if n.startswith("blocks.0")}
+    )
+    assert not torch.equal(masked["blocks.1.attn.q.hook_in"], cache["blocks.1.attn.q.hook_in"])
+
+
+def test_bridge_over_a_transformers_model(assets, tmp_path):
+    """`bridge: true` wraps the transformers model in a TransformerBridge: modules get TransformerLens names,
+    outputs stay the model's."""
+    target = hf_target(assets, bridge=True)
+    cfg = load_config(lm_config(target, ["blocks.0.attn.[qkvo]", "blocks.0.mlp.*"], steps=3))
+    run, results = decompose(cfg, tmp_path / "run", progress=False)
+    aliases = hook_aliases(run.task.target)
+    assert aliases["blocks.0.attn.q"] == "blocks.0.self_attn.q_proj"  # hook name -> the module's clean name
+    assert run.model.module_names[0] == "blocks.0.self_attn.q_proj" and len(run.model.module_names) == 7
+    assert results["check/wrapped_max_abs_diff"] == 0.0
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(assets["llama"], attn_implementation="eager").eval()
+    x = progression_corpus(4, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(run.task.target(x), hf(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_in_memory_model_through_the_python_api(tmp_path):
+    """lm_task wraps any module mapping ids to logits; the run keeps its weights and reloads with the task."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(VOCAB, 16), nn.Linear(16, VOCAB))
+    task = lm_task(model, progression_corpus(64), eval_fraction=0.25)
+    assert task.info["train_sequences"] == 48 and task.info["eval_sequences"] == 16
+    target = {"factory": "spd.lm:causal_lm_task", "kwargs": {}}
+    cfg = load_config(lm_config(target, ["1"], C=16, steps=3))
+    decompose(cfg, tmp_path / "run", progress=False, task=task)
+    run = load_run(tmp_path / "run", task=lm_task(nn.Sequential(nn.Embedding(VOCAB, 16), nn.Linear(16, VOCAB)),
+                                                  progression_corpus(64)))  # fmt: skip
+    torch.testing.assert_close(run.task.target[1].weight, model[1].weight)  # weights came from the run
+
+
+def test_component_model_direct_on_bridge(assets):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_native(dict(TL_CONFIG))
+    cm = ComponentModel(bridge, [ModuleSpec(pattern="embed", C=8), ModuleSpec(pattern="unembed", C=8)], None)
+    assert cm.module_names == ["embed", "unembed"]
+    assert cm.comp("embed").kind == "embedding"
+
+
+def test_bridge_in_compatibility_mode_decomposes_whole_projections():
+    """enable_compatibility_mode (HookedTransformer numerics: folded LayerNorm, processed weights) keeps one Linear
+    per projection spanning all heads; the decomposition patches it like any other, and the wrapping is exact."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_native(dict(TL_CONFIG))
+    bridge.enable_compatibility_mode()
+    cm = ComponentModel(bridge, [ModuleSpec(pattern="blocks.0.attn.[qkvo]", C=8)], None)
+    assert cm.comp("blocks.0.attn.q").d_in == TL_CONFIG["d_model"] == TL_CONFIG["n_heads"] * TL_CONFIG["d_head"]
+    x = progression_corpus(2)
+    with torch.no_grad():
+        y = bridge(x)
+        assert torch.equal(cm(x, cache={}), y)
+        zeros = {n: torch.zeros(*x.shape, 8) for n in cm.module_names}
+        assert not torch.allclose(cm(x, zeros), y)
