@@ -16,8 +16,14 @@ from spd.base_config import ConfigError, read_yaml
 
 
 def target_fingerprint(run_dir: Path) -> str:
-    """sha256 of the run's saved target weights (two runs decompose the same target iff these match)."""
-    return hashlib.sha256((run_dir / io.TARGET).read_bytes()).hexdigest()[:12]
+    """sha256 of the run's target weights (two runs decompose the same target iff these match): of its saved copy,
+    or, for targets reloaded from recorded weight files (language models), of those files' recorded hashes."""
+    if (run_dir / io.TARGET).is_file():
+        return hashlib.sha256((run_dir / io.TARGET).read_bytes()).hexdigest()[:12]
+    source = (read_yaml(run_dir / io.CONFIG).get("target") or {}).get("source") or {}
+    if not source.get("sha256"):
+        raise FileNotFoundError(f"run {str(run_dir)!r} has neither {io.TARGET} nor a recorded target source")
+    return hashlib.sha256(json.dumps(source["sha256"], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _mean(results: dict[str, Any], prefix: str) -> float | None:

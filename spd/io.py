@@ -2,7 +2,8 @@
 
 A run directory holds:
     config.yaml          the resolved config
-    target.safetensors   the target's weights (a toy factory reloads them instead of retraining)
+    target.safetensors   the target's weights (a toy factory reloads them instead of retraining); absent when
+                         the config records the weight files' source and hashes (target.source)
     metrics.jsonl        one JSON object per logged step
     checkpoints/step_NNNNNNN/{state.safetensors, state.json}   for resuming (model, optimizer, RNG)
     model.safetensors    the final decomposition (components + CI function)

@@ -54,9 +54,3 @@ def hook_aliases(target: nn.Module) -> dict[str, str]:
         if prefix != clean:
             out[prefix] = clean
     return out
-
-
-def hook_name(target: nn.Module, clean: str) -> str:
-    """The TransformerLens prefix of a clean module name (itself when the target has no hooks for it)."""
-    inverse = {v: k for k, v in hook_aliases(target).items()}
-    return inverse.get(clean, clean)

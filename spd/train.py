@@ -90,8 +90,10 @@ def build_adversaries(model: ComponentModel, cfg: Config, generator: torch.Gener
 
 
 class StepTimer:
-    """Wall time of training steps (synchronising CUDA), read as a mean since the last read: perf/step_seconds
-    and perf/inputs_per_second (tokens for token-id batches, else samples)."""
+    """Wall time of training steps, read as a mean since the last read: perf/step_seconds and
+    perf/inputs_per_second (tokens for token-id batches, else samples). On CUDA only the step before a read (or
+    before an evaluation) synchronises: work queued by unsynchronised steps completes inside that timed step, so
+    the sum is right without a synchronisation per step."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -104,11 +106,11 @@ class StepTimer:
             torch.cuda.synchronize()
 
     def start(self) -> None:
-        self._sync()
         self.t0 = time.perf_counter()
 
-    def stop(self, x: Any) -> None:
-        self._sync()
+    def stop(self, x: Any, sync: bool) -> None:
+        if sync:
+            self._sync()
         self.seconds += time.perf_counter() - self.t0
         self.steps += 1
         ids = x.get("input_ids") if isinstance(x, dict) else x
@@ -212,12 +214,15 @@ def train(
         model.after_optimizer_step()
         for adv in adversaries.values():
             adv.step()  # ascent on the masks, from the gradient the backward pass just left on them
-        timer.stop(x)
         last = step == tc.steps - 1
-        if log is not None and tc.eval_every is not None and (step % tc.eval_every == 0 or last):
+        evaluating = log is not None and tc.eval_every is not None and (step % tc.eval_every == 0 or last)
+        logging = step % tc.log_every == 0 or last
+        saving = main and run_dir is not None and ((step + 1) % tc.checkpoint_every == 0 or last)
+        timer.stop(x, sync=evaluating or logging or saving)  # each of them waits for the GPU anyway
+        if evaluating:
             row = quick_eval(model, sample_batch, cfg.eval, cfg.output_loss, cfg.seed, step)
             log(step, {f"eval/{k}": v for k, v in row.items()})
-        if step % tc.log_every == 0 or last:
+        if logging:
             row = {f"loss/{k}": float(v) for k, v in terms.items()} | {"lr": lr} | timer.read()
             row |= {
                 f"train_ci_l0/{n}": float((g > cfg.eval.ci_threshold).sum(-1).float().mean())
@@ -226,7 +231,7 @@ def train(
             bar.set_postfix({_short(k): f"{v:.3g}" for k, v in row.items() if k.startswith("loss/")})
             if log is not None:
                 log(step, row)
-        if main and run_dir is not None and ((step + 1) % tc.checkpoint_every == 0 or last):
+        if saving:
             io.save_checkpoint(run_dir, step, model.trainable_state_dict(), opt, gens, tc.keep_checkpoints, adversaries)
     bar.close()
     return model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -13,14 +14,21 @@ from spd import io
 from tests.helpers import ROOT, tiny_tms_config
 
 
-def torchrun(*args: str, port: int) -> subprocess.CompletedProcess[str]:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args]
+    port = str(free_port())  # a fixed port can still be held by an earlier run's socket
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_two_ranks_draw_different_data_and_keep_identical_parameters(tmp_path):
-    res = torchrun("tests/ddp_worker.py", str(tmp_path), port=29631)
+    res = torchrun("tests/ddp_worker.py", str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     r0 = io.load_tensors(tmp_path / "rank0.safetensors")
     r1 = io.load_tensors(tmp_path / "rank1.safetensors")
@@ -44,7 +52,7 @@ def test_spd_train_under_torchrun_writes_one_run(tmp_path):
 
     cfg_path = tmp_path / "tms.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_tms_config(steps=20, threads=1)))
-    res = torchrun("-m", "spd.cli", "train", str(cfg_path), "--out", str(tmp_path / "run"), "--quiet", port=29632)
+    res = torchrun("-m", "spd.cli", "train", str(cfg_path), "--out", str(tmp_path / "run"), "--quiet")
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("run directory:") == 1 and "data parallel over 2 processes" in res.stdout
     results = json.loads((tmp_path / "run" / "eval.json").read_text())
