@@ -13,6 +13,7 @@ per step (stochastic, layerwise, adversarial passes), which does not fit DDP's o
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -53,6 +54,19 @@ def init_from_env(device: str) -> bool:
 def shutdown() -> None:
     if active():
         dist.destroy_process_group()
+
+
+def leave(returncode: int) -> None:
+    """End a torchrun worker: wait for every rank (rank 0 evaluates after training), leave the process group and
+    exit at once. Exiting through interpreter finalisation instead aborts now and then ("terminate called without
+    an active exception" from a c10d thread destroyed at exit, seen on CPU/gloo under load), failing the launch."""
+    if not active():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(returncode)
 
 
 def barrier() -> None:
