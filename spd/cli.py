@@ -20,6 +20,7 @@ spd: parameter decomposition of trained networks (SPD, and APD with `method: apd
   spd compare RUN_DIR... [--out DIR]                        one table for runs on one target (SPD vs APD)
   spd group RUN_DIR... [--alpha A]                          group subcomponents into mechanisms (MDL), score them
   spd ablate RUN_DIR --forget DATA --retain DATA            remove what the components do on DATA; export the edit
+  spd degrade CONFIG|RUN_DIR --loss L | --compute-fraction F  a naturally degraded (SGLD) target at a chosen loss
   spd toy list | train NAME | reproduce                     toy models with known ground truth (`spd toy -h`)
 
 Example (TMS 5-2 on the CPU, about a minute):
@@ -134,11 +135,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir)
     results = run.evaluate() | {f"target/{k}": v for k, v in run.task.info.items()}
+    if not args.no_honest_scale and run.task.metrics is not None:
+        results["honest_scale"] = run.honest_scale(natural=not args.no_natural)
     if args.json:
         json.dump(results, sys.stdout, default=str)
         sys.stdout.write("\n")
     else:
         _print_summary(results, Path(args.run_dir))
+        if "honest_scale" in results:
+            from spd.honest import markdown
+
+            print()
+            print(markdown(results["honest_scale"]))
+    return 0
+
+
+def cmd_degrade(args: argparse.Namespace) -> int:
+    import torch
+
+    from spd import io
+    from spd.config import load_config
+    from spd.natural import degrade
+    from spd.scale import load_curve
+    from spd.task import build_task
+
+    source = Path(args.target)
+    config_path = source / io.CONFIG if source.is_dir() else source
+    cfg = load_config(config_path, args.set)
+    tag = f"loss{args.loss:g}" if args.loss is not None else f"compute{args.compute_fraction:g}"
+    out = Path(args.out) if args.out else Path("degraded") / f"{source.stem if source.is_file() else source.name}-{tag}"
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise FileExistsError(f"{out} already holds files; nothing was overwritten (pass --force or --out)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    state = None
+    if source.is_dir() and (source / io.TARGET).is_file():
+        state = io.load_tensors(source / io.TARGET)
+    elif cfg.target.state_file is not None:
+        state = io.load_tensors(Path(cfg.target.state_file))
+    task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed, state)
+    curve = load_curve(cfg.target.compute_curve) if cfg.target.compute_curve else None
+    result, request = degrade(task, cfg.natural, args.loss, args.compute_fraction, curve)
+    out.mkdir(parents=True, exist_ok=True)
+    io.save_tensors(out / io.TARGET, result.state)
+    summary = result.summary() | {"request": request, "source": str(source)}
+    io.write_json(out / "degrade.json", summary)
+    new_cfg = cfg.model_copy(
+        update={"target": cfg.target.model_copy(update={"state_file": str((out / io.TARGET).resolve())})}
+    )
+    (out / io.CONFIG).write_text(new_cfg.to_yaml())
+    verdict = "" if result.converged else " (search did not reach the tolerance: closest chain)"
+    print(
+        f"natural degradation of {cfg.target.factory}: requested loss {request['loss']:.6g} (target "
+        f"{result.target_loss:.6g}); nbeta {result.chain.nbeta:.4g}, LLC {result.chain.llc:.4g}, chain mean "
+        f"{result.chain.mean_loss:.6g}; the written draw has loss {result.achieved_loss:.6g} "
+        f"({100 * summary['loss_error_rel']:+.2f}% of the request){verdict}"
+    )
+    print(f"written: {out / io.TARGET}, {out / 'degrade.json'}; decompose it with: spd train {out / io.CONFIG}")
     return 0
 
 
@@ -237,6 +290,14 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         baselines=not args.no_baselines, neuron_modules=args.neurons, ga_lr=args.ga_lr, ga_max_steps=args.ga_steps,
     )  # fmt: skip
     study.report["data"] = {"forget": args.forget, "retain": args.retain, "run_dir": str(run_dir)}
+    if not args.no_honest_scale and run.task.metrics is not None:
+        from spd.honest import section, target_losses
+        from spd.unlearning import METHOD_NAMES
+
+        edited = {METHOD_NAMES["components"]: study.edited} | {METHOD_NAMES[k]: m for k, m in study.baselines.items()}
+        ev = run.config.eval
+        base, losses = target_losses(run.task, edited, ev.batch_size * ev.n_batches, ev.batch_size, run.config.seed)
+        study.report["honest_scale"] = section(run.task, base, losses, False if args.no_natural else run.config.natural)
     paths = write_study(study, out, run.task.architecture, args.force)
     print(markdown(study.report))
     for k, p in paths.items():
@@ -340,7 +401,22 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a finished run")
     e.add_argument("run_dir")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.add_argument("--no-honest-scale", action="store_true", help="leave out the honest-scale section")
+    e.add_argument("--no-natural", action="store_true", help="honest scale without the SGLD natural degradation")
     e.set_defaults(fn=cmd_eval)
+    d = sub.add_parser("degrade", help="write a naturally degraded (SGLD) copy of a target at a chosen loss")
+    d.add_argument("target", help="a run config (YAML) or a run directory")
+    how = d.add_mutually_exclusive_group(required=True)
+    how.add_argument("--loss", type=float, help="the loss (the target's own metric) to degrade to")
+    how.add_argument(
+        "--compute-fraction", type=float, help="degrade to the loss the family reaches with this fraction of compute"
+    )
+    d.add_argument("--out", help="output directory (default: degraded/<name>-<request>); never overwritten")
+    d.add_argument("--force", action="store_true", help="replace an existing output directory's files")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, "
+                   "e.g. --set natural.n_steps=800")  # fmt: skip
+    d.add_argument("--threads", type=int, help="torch CPU threads")
+    d.set_defaults(fn=cmd_degrade)
     s = sub.add_parser("sweep", help="run a grid of configs (sequentially or as parallel local processes)")
     s.add_argument("config")
     s.add_argument(
@@ -421,6 +497,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--ga-lr", type=float, default=1e-3, help="gradient-ascent baseline: Adam learning rate")
     a.add_argument("--ga-steps", type=int, default=2000, help="gradient-ascent baseline: most steps")
     a.add_argument("--threads", type=int, help="torch threads")
+    a.add_argument("--no-honest-scale", action="store_true", help="leave out the honest-scale section")
+    a.add_argument("--no-natural", action="store_true", help="honest scale without the SGLD natural degradation")
     a.add_argument("--out", help="output directory (default RUN_DIR/ablations/<forget>-vs-<retain>)")
     a.add_argument("--force", action="store_true", help="write into an existing output directory")
     a.set_defaults(fn=cmd_ablate)
@@ -439,14 +517,14 @@ def main(argv: list[str] | None = None) -> int:
     from spd.io import RunDirError
 
     try:
-        return int(args.fn(args))
+        code = int(args.fn(args))
     except (ConfigError, RunDirError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"spd: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        parallel = sys.modules.get("spd.distributed")
-        if parallel is not None:
-            parallel.shutdown()  # type: ignore[attr-defined]
+        code = 2
+    parallel = sys.modules.get("spd.distributed")
+    if parallel is not None:  # a torchrun worker exits here, after all ranks are done
+        parallel.leave(code)  # type: ignore[attr-defined]
+    return code
 
 
 if __name__ == "__main__":

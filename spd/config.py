@@ -13,6 +13,7 @@ from spd.base_config import BaseConfig, ConfigError, apply_overrides, read_yaml,
 from spd.ci import CIConfig
 from spd.losses import LossConfig, OutputLoss
 from spd.model import ModuleSpec
+from spd.natural import NaturalConfig
 from spd.sigmoids import SigmoidType
 
 
@@ -24,6 +25,11 @@ class TargetConfig(BaseConfig):
 
     factory: str
     kwargs: dict[str, Any] = {}
+    compute_curve: str | None = Field(
+        None,
+        description="JSON file of the target family's loss -> compute points (spd.scale format) for the honest "
+        "scale; default: the toy's own ladder, a scaling law for language models",
+    )
     state_file: str | None = Field(
         None,
         description="safetensors state dict of an already trained target (e.g. from `spd toy train`); "
@@ -150,6 +156,9 @@ class Config(BaseConfig):
     output_loss: OutputLoss = "mse"
     train: TrainConfig
     eval: EvalConfig = EvalConfig()
+    natural: NaturalConfig = Field(
+        NaturalConfig(), description="SGLD natural degradation of the target (honest-scale sections, spd degrade)"
+    )
     wandb: WandbConfig | None = None
 
     @model_validator(mode="before")

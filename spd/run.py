@@ -38,6 +38,16 @@ class Run:
         results = evaluate(self.model, t.eval_sampler, c.eval, c.output_loss, c.seed, t.ground_truth, t.causal_lm)
         return results | {"diagnostics": [str(d) for d in self.diagnose(results)]}
 
+    def honest_scale(self, natural: bool = True) -> dict[str, Any]:
+        """The honest-scale section (spd.honest): the masked decomposition's loss gap in the target's own loss,
+        relative, in equivalent compute and against the natural (SGLD) degradation at the same loss."""
+        from spd.honest import decomposition_losses, section
+        from spd.scale import load_curve
+
+        target_loss, losses = decomposition_losses(self)
+        curve = load_curve(self.config.target.compute_curve) if self.config.target.compute_curve else None
+        return section(self.task, target_loss, losses, self.config.natural if natural else False, curve)
+
     def diagnose(self, results: dict[str, Any]) -> list[Diagnostic]:
         history = read_metrics(self.path / io.METRICS) if self.path is not None else []
         m = self.model

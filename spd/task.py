@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from spd.ground_truth import GroundTruth
+from spd.scale import ComputeCurve
 
 BatchSampler = Callable[[int, torch.Generator], Any]
 # (input batch, the model's output on it) -> per-sample values; "loss" is required, "accuracy" optional
@@ -38,6 +39,11 @@ class Task:
     sample_eval_batch: BatchSampler | None = None
     # inputs are token ids (B, L) and the output next-token logits: evaluation adds CE and per-position metrics
     causal_lm: bool = False
+    # the loss -> compute map of the target's family (spd.scale.ComputeCurve), built on demand (it may train a
+    # ladder of models; absent: honest-scale reports leave equivalent compute out, or use a scaling law for LMs)
+    compute_curve: Callable[[], ComputeCurve] | None = None
+    # names of the parameters the target's training changed (natural degradation samples these; None: all)
+    trained_parameters: list[str] | None = None
 
     @property
     def eval_sampler(self) -> BatchSampler:

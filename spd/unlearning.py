@@ -387,6 +387,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Baselines not run: {report['baselines_skipped']}."]
     gap = report["edit_vs_masked_pass_max_abs_diff"]
     lines += ["", f"The edited model equals the in-library masked pass to {gap:.2g} (max abs difference of outputs)."]
+    if "honest_scale" in report:
+        from spd.honest import markdown as honest_markdown
+
+        lines += ["", "On the training distribution (not the forget or retain slices):", "",
+                  honest_markdown(report["honest_scale"]).rstrip()]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -238,7 +238,8 @@ def test_forget_and_retain_data_forms(tmp_path):
         _data("only:7")
 
 
-def test_spd_ablate_writes_report_and_edited_model(tmp_path, capsys):
+def test_spd_ablate_writes_report_and_edited_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SPD_TARGET_CACHE", str(tmp_path / "cache"))  # the honest scale's compute curve
     run_dir = tmp_path / "run"
     decompose(load_config(tiny_tms_config()), run_dir, progress=False)
     args = [str(run_dir), "--forget", "only:0", "--retain", "without:0", "--n", "256", "--ids", "linear1:0,1"]
@@ -249,6 +250,13 @@ def test_spd_ablate_writes_report_and_edited_model(tmp_path, capsys):
     rep = json.loads((out / "ablation.json").read_text())
     assert rep["selection"]["members"] == ["linear1:0", "linear1:1"] and rep["selection"]["kind"] == "ids"
     assert "ablate components" in capsys.readouterr().out
+    # the honest scale of every edited model, on the training distribution
+    hs = rep["honest_scale"]
+    assert set(hs["rows"]) == {"ablate components", "ablate neurons", "gradient ascent"}
+    for row in hs["rows"].values():
+        assert row["gap"] == pytest.approx(row["loss"] - hs["target_loss"])
+        assert "compute_fraction" in row and ("natural_nbeta" in row or "natural_note" in row)
+    assert "## Honest scale" in (out / "ablation.md").read_text()
     assert spd_main(["ablate", *args]) == 2  # refuses to overwrite
     assert "nothing was overwritten" in capsys.readouterr().err
     assert (

@@ -2,8 +2,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
 import yaml
 from helpers import ROOT, tiny_tms_config
+from safetensors.torch import load_file
 
 from spd.cli import main
 
@@ -21,7 +24,8 @@ def test_help_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_train_eval_json_and_refusal(tmp_path, capsys):
+def test_train_eval_json_and_refusal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SPD_TARGET_CACHE", str(tmp_path / "cache"))  # the honest scale's compute curve
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_tms_config()))
     out = tmp_path / "run"
@@ -40,6 +44,14 @@ def test_train_eval_json_and_refusal(tmp_path, capsys):
         "target/n_represented",
     ):
         assert key in result, key
+    hs = result["honest_scale"]
+    assert set(hs["rows"]) == {"CI-masked", "rounded-CI-masked", "stochastic-masked"}
+    assert "ladder" in hs["compute"]["sources"] and "checkpoint" in hs["compute"]["sources"]
+    for row in hs["rows"].values():
+        assert row["gap_rel"] == pytest.approx((row["loss"] - hs["target_loss"]) / hs["target_loss"])
+        assert row["compute_fraction"] > 0
+    assert main(["eval", str(out)]) == 0
+    assert "## Honest scale" in capsys.readouterr().out
     assert main(["train", str(cfg_path), "--out", str(out), "--quiet"]) == 2
     assert "already holds files" in capsys.readouterr().err
 
@@ -51,3 +63,40 @@ def test_bad_config_exit_code_and_message(tmp_path, capsys):
     assert main(["train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "r")]) == 2
     assert "train.stepz: unknown field" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_degrade_writes_a_target_that_decomposes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SPD_TARGET_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_tms_config()
+    cfg["natural"] = {"n_steps": 200, "burnin": 100, "draw_every": 10, "n_eval": 4096, "rtol": 0.05}
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    from spd.config import load_config
+    from spd.task import build_task
+
+    task = build_task(cfg["target"]["factory"], cfg["target"]["kwargs"], 0)
+    from spd.natural import task_loss_fn
+
+    loss0 = task_loss_fn(task.metrics)(task.target, task.sample_batch(65536, torch.Generator().manual_seed(5))).item()
+    out = tmp_path / "deg"
+    assert main(["degrade", str(cfg_path), "--loss", str(1.5 * loss0), "--out", str(out)]) == 0
+    assert "natural degradation" in capsys.readouterr().out
+    summary = json.loads((out / "degrade.json").read_text())
+    assert abs(summary["loss_error_rel"]) < 0.05 and summary["nbeta"] > 0
+    saved = load_config(out / "config.yaml")
+    assert saved.target.state_file == str(out / "target.safetensors")
+    # the degraded target is what the written config decomposes, and it has the degraded loss
+    degraded = build_task(saved.target.factory, saved.target.kwargs, 0, load_file(str(out / "target.safetensors")))
+    x = task.sample_batch(65536, torch.Generator().manual_seed(6))
+    got = task_loss_fn(task.metrics)(degraded.target, x).item()
+    assert got == pytest.approx(1.5 * loss0, rel=0.1)
+    assert main(["train", str(out / "config.yaml"), "--out", str(tmp_path / "run"), "--quiet",
+                 "--set", "train.steps=4"]) == 0  # fmt: skip
+    assert main(["degrade", str(cfg_path), "--loss", str(1.5 * loss0), "--out", str(out)]) == 2  # no overwrite
+    assert "nothing was overwritten" in capsys.readouterr().err
+    assert main(["degrade", str(cfg_path), "--loss", str(0.5 * loss0), "--out", str(tmp_path / "d2")]) == 2
+    assert "not above the target's own loss" in capsys.readouterr().err
+    # a run directory works as the source too (its saved target), here by compute fraction on the toy's curve
+    assert main(["degrade", str(tmp_path / "run"), "--compute-fraction", "0.2", "--out", str(tmp_path / "d3")]) == 0
+    request = json.loads((tmp_path / "d3" / "degrade.json").read_text())["request"]
+    assert request["compute_fraction"] == 0.2 and request["loss"] > request["target_loss"]

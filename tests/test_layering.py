@@ -6,8 +6,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN_IN_CORE = ("toy_models", "figures", "benchmarks", "tests")
-LAZY_IN_CORE = ("wandb", "transformers", "transformer_lens", "huggingface_hub", "gguf")
-ALLOWED_SPD_IN_TOYS = ("spd.task", "spd.ground_truth")
+LAZY_IN_CORE = ("wandb", "transformers", "transformer_lens", "huggingface_hub", "gguf", "devinterp")
+ALLOWED_SPD_IN_TOYS = ("spd.task", "spd.ground_truth", "spd.scale")
 
 
 def _imports(path: Path, top_level_only: bool) -> list[str]:

@@ -16,6 +16,7 @@ Ground truth (SPD paper, section 3.3):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,8 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spd.ground_truth import Criteria, DenseCI, GroundTruth, IdentityCI
+from spd.scale import ComputeCurve
 from spd.task import Task
 from toy_models.data import feature_subset, sparse_features
+from toy_models.ladder import resid_mlp_curve
 from toy_models.nets import ResidMLP
 from toy_models.targets import trained_target
 
@@ -62,9 +65,10 @@ def init_resid_mlp(n_layers: int, seed: int, d_embed: int = 1000, n_features: in
 
 
 def train_resid_mlp(model: ResidMLP, seed: int, steps: int, batch_size: int = 2048, lr: float = 3e-3,
-                    weight_decay: float = 0.01, feature_prob: float = 0.01) -> list[float]:  # fmt: skip
-    """AdamW, cosine LR to 0, MSE against y = x + ReLU(x); only the MLP weights are trained. Returns the loss
-    curve (every 10 steps) so a loss -> compute map can be built from it."""
+                    weight_decay: float = 0.01, feature_prob: float = 0.01,
+                    on_step: Callable[[int], None] | None = None) -> list[float]:  # fmt: skip
+    """AdamW, cosine LR to 0, MSE against y = x + ReLU(x); only the MLP weights are trained. Returns the batch
+    loss every 10 steps; `on_step(steps_done)` runs after every step (checkpoint evaluations)."""
     g = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(model.layers.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps))))
@@ -79,6 +83,8 @@ def train_resid_mlp(model: ResidMLP, seed: int, steps: int, batch_size: int = 20
         sched.step()
         if step % 10 == 0:
             curve.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1)
     model.requires_grad_(False)
     return curve
 
@@ -184,7 +190,12 @@ def resid_mlp_task(
     d_mlp = model.layers[0].mlp_in.out_features
     arch = {"class": "toy_models.nets:ResidMLP",
             "kwargs": {"n_features": nf, "d_embed": d_embed, "d_mlp": d_mlp, "n_layers": n_layers}}  # fmt: skip
-    return Task(model, sample_batch, ground_truth(model), info, metrics, subsets, arch)
+    steps = train_steps if train_steps is not None else TRAIN_STEPS[n_layers]
+
+    def curve() -> ComputeCurve:
+        return resid_mlp_curve(seed, n_layers, d_embed, n_features, d_mlp, feature_prob, steps, target=model)
+
+    return Task(model, sample_batch, ground_truth(model), info, metrics, subsets, arch, compute_curve=curve)
 
 
 def metrics(x: Tensor, out: Tensor) -> dict[str, Tensor]:

@@ -8,14 +8,18 @@ mechanism (n_hidden rank-1 subcomponents that are important on every input).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from spd.ground_truth import Criteria, DenseCI, FeatureDirections, GroundTruth, IdentityCI
+from spd.scale import ComputeCurve
 from spd.task import Task
 from toy_models.data import feature_subset, sparse_features
+from toy_models.ladder import tms_curve
 from toy_models.nets import TMS
 from toy_models.targets import trained_target
 
@@ -32,20 +36,24 @@ def train_tms(
     lr: float = 5e-3,
     weight_decay: float = 0.01,
     feature_prob: float = 0.05,
+    on_step: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> tuple[Float[Tensor, "n_hidden n_features"], Float[Tensor, " n_features"]]:
-    """Train tied TMS weights (W, b) with AdamW on mean((x - x_hat)^2). Deterministic for a seed."""
+    """Train tied TMS weights (W, b) with AdamW on mean((x - x_hat)^2). Deterministic for a seed.
+    `on_step(steps_done, W, b)` runs after every step (the loss -> compute curves evaluate checkpoints there)."""
     g = torch.Generator().manual_seed(seed)
     W = nn.Parameter(torch.empty(n_hidden, n_features))
     nn.init.xavier_normal_(W, generator=g)
     b = nn.Parameter(torch.zeros(n_features))
     opt = torch.optim.AdamW([W, b], lr=lr, weight_decay=weight_decay)
-    for _ in range(steps):
+    for step in range(steps):
         x = sparse_features(batch_size, n_features, feature_prob, g)
         x_hat = F.relu(x @ W.T @ W + b)
         loss = (x - x_hat).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step(step + 1, W.detach(), b.detach())
     return W.detach(), b.detach()
 
 
@@ -136,7 +144,14 @@ def tms_task(
         info["target_source"] = source
     arch = {"class": "toy_models.nets:TMS",
             "kwargs": {"n_features": n_features, "n_hidden": n_hidden, "hidden_identity": hidden_identity}}  # fmt: skip
-    return Task(model, sample_batch, ground_truth(model), info, metrics, subsets, arch)
+
+    def curve() -> ComputeCurve:
+        return tms_curve(seed, n_features, n_hidden, feature_prob, train_steps, train_batch_size, train_lr,
+                         target=model)  # fmt: skip
+
+    trained = ["linear1.weight", "linear2.weight", "linear2.bias"]  # the identity layer is frozen
+    return Task(model, sample_batch, ground_truth(model), info, metrics, subsets, arch, compute_curve=curve,
+                trained_parameters=trained)  # fmt: skip
 
 
 def metrics(x: Tensor, out: Tensor) -> dict[str, Tensor]:
