@@ -146,9 +146,18 @@ def take(x: Any, idx: slice) -> Any:
 
 @torch.no_grad()
 def importances(model: Any, x: Any, batch_size: int = 4096) -> dict[str, Float[Tensor, "n C"]]:
-    """Lower causal importances (APD: importances) of every module on x, positions flattened into inputs."""
-    parts = [model.causal_importances(xb).lower for xb in chunks(x, batch_size)]
-    return {n: torch.cat([p[n].flatten(0, -2) for p in parts]).cpu() for n in parts[0]}
+    """Lower causal importances (APD: importances) of every module on x, positions flattened into inputs. For an
+    LM batch with a `loss_mask` (B, L), only the positions that predict a marked token count (position t - 1 for a
+    mark on token t): the importances where the scored predictions are made."""
+    parts = [_scored(model.causal_importances(xb).lower, xb) for xb in chunks(x, batch_size)]
+    return {n: torch.cat([p[n] for p in parts]).cpu() for n in parts[0]}
+
+
+def _scored(ci: dict[str, Tensor], x: Any) -> dict[str, Tensor]:
+    if not (isinstance(x, dict) and "loss_mask" in x):
+        return {n: v.flatten(0, -2) for n, v in ci.items()}
+    at = x["loss_mask"][:, 1:].bool()  # (B, L - 1): the prediction made at position t scores token t + 1
+    return {n: v[:, :-1][at.to(v.device)] for n, v in ci.items()}
 
 
 def unit_importance(

@@ -478,8 +478,9 @@ def parser() -> argparse.ArgumentParser:
         "edited model and a report with baselines",
     )
     a.add_argument("run_dir")
-    a.add_argument("--forget", required=True, help="DATA to forget: a .safetensors file of inputs, or a slice the "
-                   "target names (toys: only:I, without:I, all)")  # fmt: skip
+    a.add_argument("--forget", required=True, help="DATA to forget: a .safetensors file of inputs (LMs: input_ids, "
+                   "optionally loss_mask), or a slice the target names (toys: only:I, without:I, all; language "
+                   "models: next:CLASS, next-not:CLASS with CLASS digits, regex=PATTERN or ids=1,2,3)")  # fmt: skip
     a.add_argument("--retain", required=True, help="DATA to keep (same forms as --forget)")
     a.add_argument("--ids", nargs="+", metavar="MODULE:C", help="ablate these subcomponents (e.g. linear1:3,7)")
     a.add_argument("--grouping", help="a grouping-alpha*.json (`spd group`): choose among its mechanisms")

@@ -260,10 +260,74 @@ def load_corpus(data: dict[str, Any], seq_len: int, model: nn.Module, tokenizer:
 
 # ---- the task ---------------------------------------------------------------------------------------------
 def lm_metrics(x: Any, logits: Tensor) -> dict[str, Tensor]:
-    """Per sequence: mean next-token cross-entropy ("loss") and top-1 accuracy."""
+    """Per sequence: mean next-token cross-entropy ("loss") and top-1 accuracy, over every predicted token, or,
+    when the batch is a dict with a `loss_mask` (B, L), over the tokens it marks (a mark on token t scores the
+    prediction made at t - 1; marks on the first token are ignored)."""
     ids = token_ids(x)
-    acc = (logits[..., :-1, :].argmax(-1) == ids[..., 1:]).float().mean(-1)
-    return {"loss": next_token_ce(logits, ids).mean(-1), "accuracy": acc}
+    ce = next_token_ce(logits, ids)
+    hit = (logits[..., :-1, :].argmax(-1) == ids[..., 1:]).float()
+    if not (isinstance(x, dict) and "loss_mask" in x):
+        return {"loss": ce.mean(-1), "accuracy": hit.mean(-1)}
+    mask = x["loss_mask"][..., 1:].to(ce.dtype)
+    n = mask.sum(-1).clamp(min=1)
+    return {"loss": (ce * mask).sum(-1) / n, "accuracy": (hit * mask).sum(-1) / n}
+
+
+# ---- token classes (forget/retain sets of unlearning studies) ---------------------------------------------
+TOKEN_CLASSES = {"digits": r"\d+"}  # name -> regular expression a token's text (stripped) must match in full
+
+
+def token_class(spec: str, vocab_size: int, tokenizer: Any = None) -> Tensor:
+    """A (vocab_size,) bool membership vector: "digits", "regex=PATTERN" (matched in full against each token's
+    decoded text, stripped of surrounding spaces) or "ids=3,17,42"."""
+    import re
+
+    member = torch.zeros(vocab_size, dtype=torch.bool)
+    if spec.startswith("ids="):
+        try:
+            ids = [int(t) for t in spec[4:].split(",") if t.strip()]
+        except ValueError as err:
+            raise ValueError(f"token class {spec!r}: ids= takes comma-separated integers") from err
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad or not ids:
+            raise ValueError(f"token class {spec!r}: ids must be in [0, {vocab_size}) (got {bad or 'none'})")
+        member[ids] = True
+        return member
+    pattern = TOKEN_CLASSES.get(spec) or (spec[6:] if spec.startswith("regex=") else None)
+    if pattern is None:
+        raise ValueError(
+            f"unknown token class {spec!r}: use one of {sorted(TOKEN_CLASSES)}, regex=PATTERN or ids=1,2,3"
+        )
+    if tokenizer is None:
+        raise ValueError(f"token class {spec!r} needs the model's tokenizer to read tokens as text; use ids=...")
+    rx = re.compile(pattern)
+    for i in range(min(vocab_size, len(tokenizer))):
+        text = tokenizer.decode([i]).strip()
+        member[i] = bool(text) and rx.fullmatch(text) is not None
+    return member
+
+
+def token_class_subsets(rows: Tensor, tokenizer: Any, vocab_size: int) -> Any:
+    """`Task.subsets` of a causal-LM corpus: "next:CLASS" (the rows where some token is in CLASS, scored on
+    those tokens only) and "next-not:CLASS" (scored on every other token), as {input_ids, loss_mask} batches."""
+
+    def subsets(spec: str, n: int, gen: torch.Generator) -> dict[str, Tensor]:
+        kind, _, cls = spec.partition(":")
+        if kind not in ("next", "next-not") or not cls:
+            raise ValueError(
+                f"data {spec!r}: a language model's data subsets are next:CLASS (positions predicting a token of "
+                f"CLASS) and next-not:CLASS (all other positions); CLASS is digits, regex=PATTERN or ids=1,2,3"
+            )
+        member = token_class(cls, vocab_size, tokenizer)
+        mask = member[rows] if kind == "next" else ~member[rows]
+        mask[:, 0] = False  # the first token is never predicted
+        idx = torch.nonzero(mask.any(-1)).squeeze(-1)
+        if len(idx) == 0:
+            raise ValueError(f"data {spec!r}: no row of the corpus ({len(rows)} rows) has a token to score")
+        idx = idx[torch.randperm(len(idx), generator=gen)][:n]
+        return {"input_ids": rows[idx], "loss_mask": mask[idx]}
+
+    return subsets
 
 
 def lm_task(
@@ -271,9 +335,12 @@ def lm_task(
     tokens: Tensor,
     eval_fraction: float = 0.1,
     info: dict[str, Any] | None = None,
+    tokenizer: Any = None,
 ) -> Task:
     """A causal-LM task for a model in memory: `tokens` (N, L) are split into training rows and held-out rows
-    (`eval_fraction`); batches are random rows. `model(ids)` must return logits (or an output with .logits)."""
+    (`eval_fraction`); batches are random rows. `model(ids)` must return logits (or an output with .logits).
+    Its data subsets (`spd ablate --forget next:digits --retain next-not:digits`) come from all the rows; the
+    `tokenizer` reads token classes such as digits as text (without one, only ids=... classes)."""
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (N, L), got shape {tuple(tokens.shape)}")
     if not 0 <= eval_fraction < 1:
@@ -304,7 +371,16 @@ def lm_task(
         info=meta | (info or {}),
         metrics=lm_metrics,
         causal_lm=True,
+        subsets=token_class_subsets(tokens, tokenizer, _vocab_size(model, tokens, tokenizer)),
     )
+
+
+def _vocab_size(model: nn.Module, tokens: Tensor, tokenizer: Any) -> int:
+    cfg = getattr(model, "config", None) or getattr(model, "cfg", None)
+    size = getattr(cfg, "vocab_size", None) or getattr(cfg, "d_vocab", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    return max(int(tokens.max()) + 1, len(tokenizer) if tokenizer is not None else 0)
 
 
 def causal_lm_task(
@@ -328,7 +404,7 @@ def causal_lm_task(
     if target_state is not None:
         target.load_state_dict(target_state)
     info = {"source": source, "bridge": bridge, "dtype": dtype, "data": data}
-    return lm_task(target, rows, float(data.get("eval_fraction", 0.1)), info)
+    return lm_task(target, rows, float(data.get("eval_fraction", 0.1)), info, tokenizer)
 
 
 def tl_native_task(

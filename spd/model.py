@@ -99,6 +99,18 @@ def output_tensor(out: Any) -> Tensor:
     raise TypeError(f"cannot find an output tensor in a {type(out).__name__}")
 
 
+# keys of an input dict that describe how to score the output, not what the model reads (e.g. which positions of
+# an LM batch count in its loss); they are dropped before the target is called
+SCORING_KEYS = frozenset({"loss_mask"})
+
+
+def call_target(target: nn.Module, x: Any) -> Any:
+    """Run a target on a batch: a tensor positionally, a dict (tokenizer output) as keyword arguments."""
+    if isinstance(x, dict):
+        return target(**{k: v for k, v in x.items() if k not in SCORING_KEYS})
+    return target(x)
+
+
 class ComponentModel(nn.Module):
     def __init__(
         self,
@@ -171,7 +183,7 @@ class ComponentModel(nn.Module):
                 object.__delattr__(m, "forward")
 
     def _call_target(self, x: Any) -> Any:
-        return self.target(**x) if isinstance(x, dict) else self.target(x)
+        return call_target(self.target, x)
 
     # ---- forward passes -----------------------------------------------------------------------------
     def forward_with_cache(self, x: Any) -> tuple[Tensor, dict[str, Tensor]]:

@@ -31,7 +31,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from spd.base_config import BaseConfig
-from spd.model import output_tensor
+from spd.model import call_target, output_tensor
 from spd.task import BatchSampler, to_device
 
 LossFn = Callable[[nn.Module, Any], Tensor]  # (model, input batch) -> scalar mean loss
@@ -323,7 +323,7 @@ def _len(x: Any) -> int:
 
 def run_model(model: nn.Module, x: Any) -> Tensor:
     """The output tensor of a target (HF outputs: .logits; tokenizer dicts as keyword arguments)."""
-    return output_tensor(model(**x) if isinstance(x, dict) else model(x))
+    return output_tensor(call_target(model, x))
 
 
 def task_loss_fn(metrics: Callable[[Any, Tensor], dict[str, Tensor]]) -> LossFn:

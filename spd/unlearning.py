@@ -50,7 +50,7 @@ from spd.ablate import (
 from spd.components import module_kind
 from spd.losses import DIVERGENCES
 from spd.mechanisms import Grouping, member_masks
-from spd.model import output_tensor
+from spd.model import call_target, output_tensor
 from spd.names import target_modules
 from spd.task import TaskMetrics
 
@@ -58,7 +58,7 @@ Unit = tuple[str, int]  # (module, output index)
 
 
 def run_target(target: nn.Module, x: Any) -> Tensor:
-    return output_tensor(target(**x) if isinstance(x, dict) else target(x))
+    return output_tensor(call_target(target, x))
 
 
 def halves(x: Any) -> tuple[Any, Any]:
@@ -88,7 +88,11 @@ def measure(
         b = batch_len(xb)
         vals = {k: v.double().sum().item() for k, v in (metrics(xb, out) if metrics else {}).items()}
         if divergence or metrics is None:
-            vals[f"{output_loss}_to_original"] = div(out, run_target(original, xb)).item() * b
+            ref = run_target(original, xb)
+            if isinstance(xb, dict) and "loss_mask" in xb and out.ndim == 3:  # LM: the scored positions only
+                at = xb["loss_mask"][:, 1:].bool().to(out.device)
+                out, ref = out[:, :-1][at], ref[:, :-1][at]
+            vals[f"{output_loss}_to_original"] = div(out, ref).item() * b
         for k, v in vals.items():
             sums[k] = sums.get(k, 0.0) + v
         n += b
@@ -133,7 +137,8 @@ def zero_units(target: nn.Module, units: list[Unit]) -> None:
 
 @torch.no_grad()
 def neuron_effects(target: nn.Module, units: list[Unit], x: Any, batch_size: int) -> Float[Tensor, "n U"]:
-    """Per input and unit: the squared change of the output (summed over its entries) with that unit zeroed."""
+    """Per input and unit: the squared change of the output (summed over its entries) with that unit zeroed. For an
+    LM batch with a `loss_mask`, per scored position instead (as `spd.ablate.importances` counts them)."""
     named = target_modules(target)
     cols = []
     for xb in chunks(x, batch_size):
@@ -148,11 +153,17 @@ def neuron_effects(target: nn.Module, units: list[Unit], x: Any, batch_size: int
 
             h = named[m].register_forward_hook(hook)
             try:
-                row.append((run_target(target, xb) - ref).pow(2).flatten(1).sum(1))
+                row.append(_per_scored_input((run_target(target, xb) - ref).pow(2), xb))
             finally:
                 h.remove()
         cols.append(torch.stack(row, dim=-1).cpu())
     return torch.cat(cols)
+
+
+def _per_scored_input(sq: Tensor, x: Any) -> Tensor:
+    if isinstance(x, dict) and "loss_mask" in x:  # (B, L, V) logits: the positions predicting marked tokens
+        return sq.sum(-1)[:, :-1][x["loss_mask"][:, 1:].bool().to(sq.device)]
+    return sq.flatten(1).sum(1)
 
 
 def neuron_scores(

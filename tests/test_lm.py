@@ -306,3 +306,116 @@ def test_smollm2_from_the_packaged_gguf_file_decomposes_a_few_steps(tmp_path):
     assert results["check/wrapped_max_abs_diff"] == 0.0
     assert results["lm/ce/target"] < 6.0  # a real model on English text (uniform over 49,152 tokens: 10.8)
     assert len(run.model.module_names) == 5
+
+
+# ---- unlearning a token class -----------------------------------------------------------------------------
+def test_masked_lm_metrics_hand_case():
+    from spd.lm import lm_metrics
+
+    ids = torch.tensor([[0, 1, 2, 3]])
+    logits = torch.randn(1, 4, 5, generator=torch.Generator().manual_seed(0))
+    logits[0, 1, 2] = 9.0  # position 1 predicts token 2 correctly
+    ce = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+    mask = torch.tensor([[True, False, True, True]])  # tokens 2 and 3 count; a mark on the first token is ignored
+    m = lm_metrics({"input_ids": ids, "loss_mask": mask}, logits)
+    assert m["loss"].item() == pytest.approx(((ce[1] + ce[2]) / 2).item(), rel=1e-6)
+    hits = [(logits[0, t].argmax() == ids[0, t + 1]).float().item() for t in (1, 2)]
+    assert m["accuracy"].item() == pytest.approx(sum(hits) / 2) and hits[0] == 1.0
+    assert lm_metrics(ids, logits)["loss"].item() == pytest.approx(ce.mean().item(), rel=1e-6)
+
+
+class _TextTokenizer:
+    texts = ["<s>", " 7", "12", "a1", " ", "x"]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.texts[ids[0]]
+
+
+def test_token_classes_and_their_errors():
+    from spd.lm import token_class
+    from tests.lm_helpers import word_tokenizer
+
+    assert token_class("digits", 6, _TextTokenizer()).tolist() == [False, True, True, False, False, False]
+    assert token_class("regex=[a-z]\\d", 6, _TextTokenizer()).tolist() == [False, False, False, True, False, False]
+    assert torch.nonzero(token_class("regex=t[1-3]", VOCAB, word_tokenizer())).flatten().tolist() == [1, 2, 3]
+    assert torch.nonzero(token_class("ids=4,9", VOCAB)).flatten().tolist() == [4, 9]
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 6\)"):
+        token_class("ids=99", 6)
+    with pytest.raises(ValueError, match="unknown token class 'vowels'"):
+        token_class("vowels", 6, _TextTokenizer())
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        token_class("digits", 6)
+
+
+def test_token_class_subsets_mark_exactly_the_class():
+    from spd.lm import token_class_subsets
+
+    rows = progression_corpus(64)
+    subsets = token_class_subsets(rows, None, VOCAB)
+    f = subsets("next:ids=5", 10, torch.Generator().manual_seed(0))
+    assert len(f["input_ids"]) == 10 and f["loss_mask"].any(-1).all()
+    expect = f["input_ids"] == 5
+    expect[:, 0] = False
+    assert torch.equal(f["loss_mask"], expect)
+    r = subsets("next-not:ids=5", 1000, torch.Generator().manual_seed(0))
+    assert len(r["input_ids"]) == 64  # every row has a token that is not 5
+    expect = r["input_ids"] != 5
+    expect[:, 0] = False
+    assert torch.equal(r["loss_mask"], expect)
+    with pytest.raises(ValueError, match="next:CLASS"):
+        subsets("only:3", 10, torch.Generator())
+
+
+def test_ablate_a_token_class_of_a_decomposed_lm(assets, tmp_path, capsys):
+    """`spd ablate` on a transformers LM run with next:CLASS / next-not:CLASS data: the losses are measured on the
+    marked tokens only, the components are chosen at the positions that predict them, and the edit is exported
+    with save_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from spd.ablate import importances
+    from spd.lm import lm_metrics
+    from spd.unlearning import halves, load_data
+
+    cfg = load_config(lm_config(hf_target(assets), ["model.layers.*.mlp.*"]))
+    run, _ = decompose(cfg, tmp_path / "run", progress=False)
+    cls = "regex=t(5|6|7)"
+    out = tmp_path / "abl"
+    args = ["ablate", str(tmp_path / "run"), "--forget", f"next:{cls}", "--retain", f"next-not:{cls}", "--n", "64",
+            "--no-natural", "--ga-steps", "20", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rep = json.loads((out / "ablation.json").read_text())
+    # the reported forget loss of the original model is its CE on the marked tokens of the held-out half
+    forget = load_data(f"next:{cls}", run.task.subsets, 64, run.config.seed)
+    _, f_eval = halves(forget)
+    with torch.no_grad():
+        ce = lm_metrics(f_eval, run.task.target(f_eval["input_ids"]).logits)["loss"].mean().item()
+    assert rep["methods"]["original"]["forget"]["loss"] == pytest.approx(ce, rel=1e-5)
+    assert rep["methods"]["original"]["retain"]["kl_to_original"] == pytest.approx(0.0, abs=1e-6)
+    # components are scored at the positions that predict a marked token, one row per such position
+    ci = importances(run.model, forget)
+    assert next(iter(ci.values())).shape[0] == int(forget["loss_mask"][:, 1:].sum())
+    assert rep["selection"]["kind"] == "data"
+    # an edit that does raise the forget loss: both baselines are run to it, on the marked tokens
+    ids = [f"model.layers.{i}.mlp.down_proj:" + ",".join(map(str, range(40))) for i in (0, 1)]
+    assert main([*args[:-1], str(tmp_path / "abl2"), "--ids", *ids]) == 0
+    rep = json.loads((tmp_path / "abl2" / "ablation.json").read_text())
+    m = rep["methods"]
+    assert m["components"]["forget"]["loss"] > m["original"]["forget"]["loss"] + 0.1
+    assert m["components"]["retain"]["kl_to_original"] > 0
+    assert {"neurons", "gradient_ascent"} <= set(m)
+    for k in ("neurons", "gradient_ascent"):
+        assert m[k]["forget"]["loss"] >= rep["matched_forget"] - 1e-6 or not m[k]["matched"], k
+    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "abl2" / "edited")
+    x = f_eval["input_ids"][:4]
+    with torch.no_grad():
+        torch.testing.assert_close(edited(x).logits, m_edit(run, ids)(x).logits, rtol=1e-4, atol=1e-4)
+    assert "ablate components" in capsys.readouterr().out
+
+
+def m_edit(run, ids):
+    from spd.ablate import edited_target, parse_members
+
+    return edited_target(run.model, parse_members(ids, run.model))
