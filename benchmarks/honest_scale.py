@@ -22,7 +22,8 @@ from scipy.stats import spearmanr
 
 from spd.honest import markdown
 from spd.masks import make_masks
-from spd.natural import NaturalDegradation, run_model, task_loss_fn
+from spd.model import target_output
+from spd.natural import NaturalDegradation, task_loss_fn
 from spd.run import Run, load_run
 from spd.scale import ComputeCurve
 
@@ -113,7 +114,7 @@ def feature_comparison(run: Run, nd: NaturalDegradation, losses: dict[str, float
                        seeds: int) -> dict[str, Any]:  # fmt: skip
     model = run.model
     n = int(run.task.info.get("n_features") or run.task.ground_truth.info["n_features"])  # type: ignore[union-attr]
-    base = per_feature_losses(lambda x: run_model(run.task.target, x), run, n)
+    base = per_feature_losses(lambda x: target_output(run.task.target, x), run, n)
     gen = torch.Generator().manual_seed(0)
 
     def masked(kind: str) -> Any:
@@ -134,7 +135,7 @@ def feature_comparison(run: Run, nd: NaturalDegradation, losses: dict[str, float
                                       nd.cfg.model_copy(update={"seed": s}), run.task.trained_parameters)  # fmt: skip
             d = nd_s.search(nd_s.target_loss + gap)
             nat_model = _with_state(run.task.target, d.state)
-            nats.append(per_feature_losses(lambda x, m=nat_model: run_model(m, x), run, n) - base)
+            nats.append(per_feature_losses(lambda x, m=nat_model: target_output(m, x), run, n) - base)
         nat = torch.stack(nats).mean(0)
         rho = spearmanr(dec.numpy(), nat.numpy()).statistic
         k = 10

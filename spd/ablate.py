@@ -27,8 +27,10 @@ from torch import Tensor, nn
 
 from spd import io
 from spd.components import module_kind
+from spd.lm_metrics import scored_positions
 from spd.mechanisms import Grouping, Mechanism, Member, member_masks
 from spd.names import target_modules
+from spd.task import batch_len
 
 EDITED_WEIGHTS = "model.safetensors"
 EDITED_INFO = "model.json"
@@ -136,10 +138,6 @@ def chunks(x: Any, batch_size: int) -> list[Any]:
     return [take(x, slice(i, i + batch_size)) for i in range(0, n, batch_size)]
 
 
-def batch_len(x: Any) -> int:
-    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
-
-
 def take(x: Any, idx: slice) -> Any:
     return {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
 
@@ -154,10 +152,11 @@ def importances(model: Any, x: Any, batch_size: int = 4096) -> dict[str, Float[T
 
 
 def _scored(ci: dict[str, Tensor], x: Any) -> dict[str, Tensor]:
-    if not (isinstance(x, dict) and "loss_mask" in x):
-        return {n: v.flatten(0, -2) for n, v in ci.items()}
-    at = x["loss_mask"][:, 1:].bool()  # (B, L - 1): the prediction made at position t scores token t + 1
-    return {n: v[:, :-1][at.to(v.device)] for n, v in ci.items()}
+    out = {}
+    for n, v in ci.items():
+        at = scored_positions(v, x)
+        out[n] = v.flatten(0, -2) if at is None else at
+    return out
 
 
 def unit_importance(

@@ -18,16 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spd.natural import NaturalConfig, NaturalDegradation, run_model, task_loss_fn
+from spd.model import target_output
+from spd.natural import NaturalConfig, NaturalDegradation, task_loss_fn
 from spd.scale import ComputeCurve, chinchilla_compute_fraction
-from spd.task import Task, to_device
+from spd.task import Task, held_out, to_device
 
 NATURAL_MAX_PARAMS = 5_000_000  # above this, `spd eval` leaves the SGLD search out unless asked for
-
-
-def held_out(task: Task, n: int, batch_size: int, seed: int) -> list[Any]:
-    g = torch.Generator().manual_seed(seed)
-    return [task.eval_sampler(min(batch_size, n - i), g) for i in range(0, n, batch_size)]
 
 
 @torch.no_grad()
@@ -132,7 +128,9 @@ def decomposition_losses(
     if task.metrics is None:
         raise ValueError("the task defines no loss of its own (Task.metrics): no honest-scale section")
     device = next(model.parameters()).device
-    batches = held_out(task, n or ev.batch_size * ev.n_batches, ev.batch_size, run.config.seed + seed_offset)
+    batches = held_out(
+        task.eval_sampler, n or ev.batch_size * ev.n_batches, ev.batch_size, run.config.seed + seed_offset
+    )
     gen = torch.Generator(device=device).manual_seed(run.config.seed + seed_offset)
 
     def masked(kind: str) -> Callable[[Any], Tensor]:
@@ -143,7 +141,7 @@ def decomposition_losses(
 
         return forward
 
-    target = mean_loss(lambda x: run_model(model.target, x), batches, task.metrics, device)
+    target = mean_loss(lambda x: target_output(model.target, x), batches, task.metrics, device)
     names = {"ci": "CI-masked", "rounded": "rounded-CI-masked", "stochastic": "stochastic-masked"}
     return target, {label: mean_loss(masked(kind), batches, task.metrics, device) for kind, label in names.items()}
 
@@ -154,9 +152,11 @@ def target_losses(task: Task, models: dict[str, nn.Module], n: int, batch_size: 
     if task.metrics is None:
         raise ValueError("the task defines no loss of its own (Task.metrics): no honest-scale section")
     device = next(task.target.parameters()).device
-    batches = held_out(task, n, batch_size, seed)
-    target = mean_loss(lambda x: run_model(task.target, x), batches, task.metrics, device)
-    losses = {k: mean_loss(lambda x, m=m: run_model(m, x), batches, task.metrics, device) for k, m in models.items()}
+    batches = held_out(task.eval_sampler, n, batch_size, seed)
+    target = mean_loss(lambda x: target_output(task.target, x), batches, task.metrics, device)
+    losses = {
+        k: mean_loss(lambda x, m=m: target_output(m, x), batches, task.metrics, device) for k, m in models.items()
+    }
     return target, losses
 
 

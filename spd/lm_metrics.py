@@ -27,6 +27,14 @@ BASELINE = "zeros"
 BASELINE_TEXT = "zeros: every subcomponent of every decomposed matrix ablated, no delta (the matrices removed)"
 
 
+def scored_positions(values: Tensor, x: Any) -> Tensor | None:
+    """For an LM batch with a `loss_mask` (B, L): the entries of per-position `values` (B, L, ...) at the positions
+    whose prediction is scored (position t - 1 for a mark on token t), flattened to (n, ...); else None."""
+    if not (isinstance(x, dict) and "loss_mask" in x):
+        return None
+    return values[:, :-1][x["loss_mask"][:, 1:].bool().to(values.device)]
+
+
 def token_ids(x: Any) -> Tensor:
     """The (B, L) token ids of an LM batch: the tensor itself, or a tokenizer dict's input_ids."""
     if isinstance(x, dict):

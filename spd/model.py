@@ -111,6 +111,11 @@ def call_target(target: nn.Module, x: Any) -> Any:
     return target(x)
 
 
+def target_output(target: nn.Module, x: Any) -> Tensor:
+    """The output tensor of a target on a batch (HF outputs: .logits; tokenizer dicts as keyword arguments)."""
+    return output_tensor(call_target(target, x))
+
+
 class ComponentModel(nn.Module):
     def __init__(
         self,

@@ -31,8 +31,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from spd.base_config import BaseConfig
-from spd.model import call_target, output_tensor
-from spd.task import BatchSampler, to_device
+from spd.model import target_output
+from spd.task import BatchSampler, batch_len, held_out, to_device
 
 LossFn = Callable[[nn.Module, Any], Tensor]  # (model, input batch) -> scalar mean loss
 
@@ -153,9 +153,8 @@ class NaturalDegradation:
         self.sample_batch = sample_batch
         self.device = next(target.parameters()).device
         self.param_names = list(select_params(target, cfg.params if cfg.params is not None else trained_params))
-        g = torch.Generator().manual_seed(cfg.seed + 7919)
-        n, b = cfg.n_eval, cfg.eval_batch_size
-        self.eval_x = [to_device(sample_batch(min(b, n - i), g), self.device) for i in range(0, n, b)]
+        batches = held_out(sample_batch, cfg.n_eval, cfg.eval_batch_size, cfg.seed + 7919)
+        self.eval_x = [to_device(x, self.device) for x in batches]
         self.target_loss = self.eval_loss(target)
         self.eta = cfg.lr if cfg.lr is not None else cfg.step / self._h_max()
         self.chains: list[Chain] = []
@@ -163,8 +162,8 @@ class NaturalDegradation:
     # ---- measurement --------------------------------------------------------------------------------
     @torch.no_grad()
     def eval_loss(self, model: nn.Module) -> float:
-        total = sum(self.loss_fn(model, x).item() * _len(x) for x in self.eval_x)
-        return total / sum(_len(x) for x in self.eval_x)
+        total = sum(self.loss_fn(model, x).item() * batch_len(x) for x in self.eval_x)
+        return total / sum(batch_len(x) for x in self.eval_x)
 
     def _h_max(self) -> float:
         model = copy.deepcopy(self.target)
@@ -313,24 +312,11 @@ class NaturalDegradation:
         return out
 
 
-def _len(x: Any) -> int:
-    if isinstance(x, Tensor):
-        return x.shape[0]
-    if isinstance(x, dict):
-        return next(iter(x.values())).shape[0]
-    return len(x)
-
-
-def run_model(model: nn.Module, x: Any) -> Tensor:
-    """The output tensor of a target (HF outputs: .logits; tokenizer dicts as keyword arguments)."""
-    return output_tensor(call_target(model, x))
-
-
 def task_loss_fn(metrics: Callable[[Any, Tensor], dict[str, Tensor]]) -> LossFn:
     """The loss a task's metrics define, as a scalar mean over the batch."""
 
     def loss(model: nn.Module, x: Any) -> Tensor:
-        return metrics(x, run_model(model, x))["loss"].mean()
+        return metrics(x, target_output(model, x))["loss"].mean()
 
     return loss
 

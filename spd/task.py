@@ -50,6 +50,17 @@ class Task:
         return self.sample_eval_batch or self.sample_batch
 
 
+def batch_len(x: Any) -> int:
+    """Inputs in a batch (a tensor, or a dict of tensors sharing the batch axis)."""
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def held_out(sample: BatchSampler, n: int, batch_size: int, seed: int) -> list[Any]:
+    """A fixed set of `n` inputs from `sample`, in batches of at most `batch_size`."""
+    g = torch.Generator().manual_seed(seed)
+    return [sample(min(batch_size, n - i), g) for i in range(0, n, batch_size)]
+
+
 def to_device(x: Any, device: torch.device) -> Any:
     """Move a batch (a tensor, or a dict of tensors such as tokenizer output) to `device`."""
     if isinstance(x, Tensor):

@@ -38,7 +38,6 @@ from spd.ablate import (
     Rule,
     Scores,
     Selection,
-    batch_len,
     chunks,
     edit_stats,
     edited_target,
@@ -48,17 +47,14 @@ from spd.ablate import (
     take,
 )
 from spd.components import module_kind
+from spd.lm_metrics import scored_positions
 from spd.losses import DIVERGENCES
 from spd.mechanisms import Grouping, member_masks
-from spd.model import call_target, output_tensor
+from spd.model import target_output
 from spd.names import target_modules
-from spd.task import TaskMetrics
+from spd.task import TaskMetrics, batch_len
 
 Unit = tuple[str, int]  # (module, output index)
-
-
-def run_target(target: nn.Module, x: Any) -> Tensor:
-    return output_tensor(call_target(target, x))
 
 
 def halves(x: Any) -> tuple[Any, Any]:
@@ -84,14 +80,13 @@ def measure(
     sums: dict[str, float] = {}
     n = 0
     for xb in chunks(x, batch_size):
-        out = run_target(target, xb)
+        out = target_output(target, xb)
         b = batch_len(xb)
         vals = {k: v.double().sum().item() for k, v in (metrics(xb, out) if metrics else {}).items()}
         if divergence or metrics is None:
-            ref = run_target(original, xb)
-            if isinstance(xb, dict) and "loss_mask" in xb and out.ndim == 3:  # LM: the scored positions only
-                at = xb["loss_mask"][:, 1:].bool().to(out.device)
-                out, ref = out[:, :-1][at], ref[:, :-1][at]
+            ref = target_output(original, xb)
+            if out.ndim == 3 and (at := scored_positions(out, xb)) is not None:  # LM: the scored positions only
+                out, ref = at, scored_positions(ref, xb)
             vals[f"{output_loss}_to_original"] = div(out, ref).item() * b
         for k, v in vals.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -142,7 +137,7 @@ def neuron_effects(target: nn.Module, units: list[Unit], x: Any, batch_size: int
     named = target_modules(target)
     cols = []
     for xb in chunks(x, batch_size):
-        ref = run_target(target, xb)
+        ref = target_output(target, xb)
         row = []
         for m, j in units:
 
@@ -153,7 +148,7 @@ def neuron_effects(target: nn.Module, units: list[Unit], x: Any, batch_size: int
 
             h = named[m].register_forward_hook(hook)
             try:
-                row.append(_per_scored_input((run_target(target, xb) - ref).pow(2), xb))
+                row.append(_per_scored_input((target_output(target, xb) - ref).pow(2), xb))
             finally:
                 h.remove()
         cols.append(torch.stack(row, dim=-1).cpu())
@@ -161,9 +156,8 @@ def neuron_effects(target: nn.Module, units: list[Unit], x: Any, batch_size: int
 
 
 def _per_scored_input(sq: Tensor, x: Any) -> Tensor:
-    if isinstance(x, dict) and "loss_mask" in x:  # (B, L, V) logits: the positions predicting marked tokens
-        return sq.sum(-1)[:, :-1][x["loss_mask"][:, 1:].bool().to(sq.device)]
-    return sq.flatten(1).sum(1)
+    at = scored_positions(sq.sum(-1), x) if sq.ndim == 3 else None  # (B, L, V) logits: the predicting positions
+    return sq.flatten(1).sum(1) if at is None else at
 
 
 def neuron_scores(
@@ -230,7 +224,7 @@ def unlearning_study(
     with torch.no_grad():
         x0 = take(f_eval, slice(0, min(batch_size, batch_len(f_eval))))
         masked = model(x0, *member_masks(model, selection.members))
-        gap = (masked - run_target(edited, x0)).abs().max().item()
+        gap = (masked - target_output(edited, x0)).abs().max().item()
     # the baselines must reach the component edit's forget loss, or knowing nothing (zero-ablation), if lower
     target_loss = min(methods["components"]["forget"][key], zero[key])
     out_models: dict[str, nn.Module] = {}
@@ -275,11 +269,11 @@ def _objective(
     div = DIVERGENCES[output_loss]
 
     def objective(t: nn.Module, x: Any) -> Tensor:
-        out = run_target(t, x)
+        out = target_output(t, x)
         if metrics is not None:
             return metrics(x, out)["loss"].mean()
         with torch.no_grad():
-            ref = run_target(original, x)
+            ref = target_output(original, x)
         return div(out, ref)
 
     return objective

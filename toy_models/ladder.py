@@ -3,8 +3,8 @@
 Each curve holds (i) checkpoints of the target's own training run (the same recipe and seed, rerun with a
 held-out evaluation at log-spaced steps; its last point is the target) and (ii) a ladder: the same recipe with
 shorter schedules (each a complete run, its schedule fitted to its budget) and other widths (TMS n_hidden,
-ResidMLP d_mlp, x0.5 and x2). Every loss is the toy's own loss on one fixed held-out set; compute is FLOPs of
-a training step (counted by torch's FlopCounterMode, forward + backward) times steps.
+ResidMLP d_mlp: `WIDTHS` x the target's). Every loss is the toy's own loss on one fixed held-out set; compute is
+FLOPs of a training step (counted by torch's FlopCounterMode, forward + backward) times steps.
 
 Curves are cached as JSON (keyed by recipe, ladder and seed) in $SPD_TARGET_CACHE, else ~/.cache/spd/curves.
 """
@@ -117,12 +117,12 @@ def tms_curve(seed: int, n_features: int, n_hidden: int, feature_prob: float, st
         train_tms(n_features, n_hidden, seed, steps, batch_size, lr, feature_prob=feature_prob, on_step=on_step)
         if ladder:
             for h in _widths(n_hidden):
+                flops = step_flops(h)
                 for s in _ladder(steps):
                     if h == n_hidden and s == steps:
                         continue  # the target's own run, above
                     W, b = train_tms(n_features, h, seed, s, batch_size, lr, feature_prob=feature_prob)
-                    points.append(CurvePoint(s * step_flops(h), loss(W, b), f"ladder n_hidden={h} steps={s}",
-                                             f"n_hidden={h}"))  # fmt: skip
+                    points.append(CurvePoint(s * flops, loss(W, b), f"ladder n_hidden={h} steps={s}", f"n_hidden={h}"))
         return ComputeCurve(points, steps * per_step, final["loss"], "FLOP", _describe("TMS", "n_hidden", n_eval,
                             ladder), {"flops_per_step": per_step}, f"n_hidden={n_hidden}")  # fmt: skip
 
@@ -171,13 +171,13 @@ def resid_mlp_curve(seed: int, n_layers: int, d_embed: int, n_features: int | No
         train_resid_mlp(model, seed, steps, feature_prob=feature_prob, on_step=on_step)
         if ladder:
             for width in _widths(dm):
+                flops = step_flops(width)
                 for s in _ladder(steps):
                     if width == dm and s == steps:
                         continue
                     m = init_resid_mlp(n_layers, seed, d_embed, nf, width)
                     train_resid_mlp(m, seed, s, feature_prob=feature_prob)
-                    points.append(CurvePoint(s * step_flops(width), loss(m), f"ladder d_mlp={width} steps={s}",
-                                             f"d_mlp={width}"))  # fmt: skip
+                    points.append(CurvePoint(s * flops, loss(m), f"ladder d_mlp={width} steps={s}", f"d_mlp={width}"))
         return ComputeCurve(points, steps * per_step, final["loss"], "FLOP", _describe("ResidMLP", "d_mlp", n_eval,
                             ladder), {"flops_per_step": per_step}, f"d_mlp={dm}")  # fmt: skip
 
