@@ -493,8 +493,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--min-ratio", type=float, default=10.0,
                    help="... and at least this many times as often on forget as on retain (default 10)")  # fmt: skip
     a.add_argument("--n", type=int, default=4096, help="inputs drawn per named slice (half choose, half measure)")
-    a.add_argument("--neurons", help="glob of decomposed modules whose output units the neuron baseline may zero")
-    a.add_argument("--no-baselines", action="store_true", help="skip the neuron and gradient-ascent baselines")
+    a.add_argument("--neurons", help="glob of decomposed modules whose neurons/heads the unit baseline may zero")
+    a.add_argument("--no-baselines", action="store_true", help="skip the neuron/head and gradient-ascent baselines")
     a.add_argument("--ga-lr", type=float, default=1e-3, help="gradient-ascent baseline: Adam learning rate")
     a.add_argument("--ga-steps", type=int, default=2000, help="gradient-ascent baseline: most steps")
     a.add_argument("--threads", type=int, help="torch threads")

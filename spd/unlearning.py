@@ -6,7 +6,8 @@ gradient ascent; every reported number is measured on the second halves.
 
 Methods (each edits the decomposed matrices only):
 - components: W' = W - sum(selected subcomponents), `spd.ablate.edited_target`;
-- neurons: whole output units of the decomposed matrices zeroed (a row of W and its bias entry; for an MLP's
+- neurons/heads (key "neurons"): whole units of the decomposed matrices zeroed (`spd.units`): attention heads in
+  attention output (or value) projections, output units elsewhere (a row of W and its bias entry; for an MLP's
   input matrix, its hidden neurons). A unit's importance on an input is the squared change of the model's output
   when that unit alone is zeroed, divided by its largest value on the selection data. The same `Rule` ranks the
   units, and they are ablated in that order (those the rule selects first) until the held-out forget loss reaches
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor, nn
 
 from spd import io
@@ -46,15 +46,13 @@ from spd.ablate import (
     select_by_data,
     take,
 )
-from spd.components import module_kind
 from spd.lm_metrics import scored_positions
 from spd.losses import DIVERGENCES
 from spd.mechanisms import Grouping, member_masks
 from spd.model import target_output
 from spd.names import target_modules
 from spd.task import TaskMetrics, batch_len
-
-Unit = tuple[str, int]  # (module, output index)
+from spd.units import Unit, kinds_text, target_units, unit_effects, zero_units
 
 
 def halves(x: Any) -> tuple[Any, Any]:
@@ -103,69 +101,13 @@ def zeroed_target(target: nn.Module, modules: list[str]) -> nn.Module:
     return out
 
 
-# ---- neuron baseline -----------------------------------------------------------------------------------
-def neuron_units(target: nn.Module, modules: list[str]) -> list[Unit]:
-    named = target_modules(target)
-    units: list[Unit] = []
-    for m in modules:
-        kind = module_kind(named[m])
-        if kind == "linear":
-            units += [(m, j) for j in range(named[m].weight.shape[0])]
-        elif kind == "conv1d":
-            units += [(m, j) for j in range(named[m].weight.shape[1])]
-    return units
-
-
-@torch.no_grad()
-def zero_units(target: nn.Module, units: list[Unit]) -> None:
-    """Zero output unit j of module m in place: its row of W (nn.Linear; a column for Conv1D) and bias entry."""
-    named = target_modules(target)
-    for m, j in units:
-        mod = named[m]
-        if module_kind(mod) == "linear":
-            mod.weight[j] = 0.0
-        else:
-            mod.weight[:, j] = 0.0
-        if getattr(mod, "bias", None) is not None:
-            mod.bias[j] = 0.0
-
-
-@torch.no_grad()
-def neuron_effects(target: nn.Module, units: list[Unit], x: Any, batch_size: int) -> Float[Tensor, "n U"]:
-    """Per input and unit: the squared change of the output (summed over its entries) with that unit zeroed. For an
-    LM batch with a `loss_mask`, per scored position instead (as `spd.ablate.importances` counts them)."""
-    named = target_modules(target)
-    cols = []
-    for xb in chunks(x, batch_size):
-        ref = target_output(target, xb)
-        row = []
-        for m, j in units:
-
-            def hook(_mod: nn.Module, _inp: Any, out: Tensor, j: int = j) -> Tensor:
-                out = out.clone()
-                out[..., j] = 0.0
-                return out
-
-            h = named[m].register_forward_hook(hook)
-            try:
-                row.append(_per_scored_input((target_output(target, xb) - ref).pow(2), xb))
-            finally:
-                h.remove()
-        cols.append(torch.stack(row, dim=-1).cpu())
-    return torch.cat(cols)
-
-
-def _per_scored_input(sq: Tensor, x: Any) -> Tensor:
-    at = scored_positions(sq.sum(-1), x) if sq.ndim == 3 else None  # (B, L, V) logits: the predicting positions
-    return sq.flatten(1).sum(1) if at is None else at
-
-
-def neuron_scores(
+# ---- unit (neuron / head) baseline ---------------------------------------------------------------------
+def unit_scores(
     target: nn.Module, units: list[Unit], forget: Any, retain: Any, threshold: float, batch_size: int
 ) -> Scores:
-    ef, er = neuron_effects(target, units, forget, batch_size), neuron_effects(target, units, retain, batch_size)
+    ef, er = unit_effects(target, units, forget, batch_size), unit_effects(target, units, retain, batch_size)
     scale = torch.cat([ef, er]).amax(0).clamp_min(1e-30)
-    return Scores([f"{m}#{j}" for m, j in units], firing(ef / scale, threshold), firing(er / scale, threshold))
+    return Scores([u.label for u in units], firing(ef / scale, threshold), firing(er / scale, threshold))
 
 
 # ---- the study -----------------------------------------------------------------------------------------
@@ -283,8 +225,10 @@ def _neurons_matched(
     original: nn.Module, modules: list[str], f_sel: Any, r_sel: Any, rule: Rule,
     forget_loss: Callable[[nn.Module], float], target_loss: float, batch_size: int,
 ) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
-    units = neuron_units(original, modules)
-    scores = neuron_scores(original, units, f_sel, r_sel, rule.threshold, batch_size)
+    units = target_units(original, modules)
+    if not units:
+        raise ValueError(f"the unit baseline found no neurons or heads in {modules}")
+    scores = unit_scores(original, units, f_sel, r_sel, rule.threshold, batch_size)
     passing = scores.passing(rule)
     order = passing + [i for i in scores.ranked() if i not in passing]
     t = copy.deepcopy(original)
@@ -296,7 +240,7 @@ def _neurons_matched(
             break
     return t, {
         "units": len(done),
-        "unit": "neurons",
+        "unit": kinds_text([units[i] for i in done]),
         "matched": forget_loss(t) >= target_loss,
         "selected_by_rule": len(passing),
         "candidates": len(units),
@@ -353,7 +297,7 @@ def _interpolate_last_step(
 
 
 # ---- files ---------------------------------------------------------------------------------------------
-METHOD_NAMES = {"original": "original", "components": "ablate components", "neurons": "ablate neurons",
+METHOD_NAMES = {"original": "original", "components": "ablate components", "neurons": "ablate neurons/heads",
                 "gradient_ascent": "gradient ascent"}  # fmt: skip
 
 

@@ -25,7 +25,8 @@ from spd.config import load_config
 from spd.mechanisms import group_model, member_masks
 from spd.model import CausalImportances, ComponentModel, ModuleSpec
 from spd.run import decompose
-from spd.unlearning import load_data, neuron_effects, neuron_units, unlearning_study, write_study, zero_units
+from spd.units import Unit, target_units, unit_effects, zero_units
+from spd.unlearning import load_data, unlearning_study, write_study
 from tests.helpers import ROOT, tiny_tms_config
 from toy_models import TOYS
 from toy_models.data import feature_subset
@@ -158,7 +159,7 @@ def test_study_hand_case_and_baselines(hand):
 def test_neuron_importance_is_the_output_change_when_zeroed(hand):
     """Zeroing TMS output unit j (pre-ReLU) sets output j to ReLU(0) = 0: the squared change is out_j^2."""
     x = _data("all", 64)
-    eff = neuron_effects(hand.target, [("linear2", 0), ("linear2", 3)], x, 16)
+    eff = unit_effects(hand.target, [Unit("linear2", 0), Unit("linear2", 3)], x, 16)
     with torch.no_grad():
         out = hand.target(x)
     torch.testing.assert_close(eff, out[:, [0, 3]].pow(2))
@@ -166,10 +167,10 @@ def test_neuron_importance_is_the_output_change_when_zeroed(hand):
 
 def test_zeroing_output_units():
     t = TMS(5, 2)
-    assert neuron_units(t, ["linear1", "linear2"]) == [("linear1", 0), ("linear1", 1)] + [
-        ("linear2", j) for j in range(5)
+    assert target_units(t, ["linear1", "linear2"]) == [Unit("linear1", 0), Unit("linear1", 1)] + [
+        Unit("linear2", j) for j in range(5)
     ]
-    zero_units(t, [("linear2", 3)])
+    zero_units(t, [Unit("linear2", 3)])
     assert t.linear2.weight[3].abs().sum() == 0 and t.linear2.bias[3] == 0 and t.linear2.weight[2].abs().sum() > 0
 
 
@@ -252,7 +253,7 @@ def test_spd_ablate_writes_report_and_edited_model(tmp_path, capsys, monkeypatch
     assert "ablate components" in capsys.readouterr().out
     # the honest scale of every edited model, on the training distribution
     hs = rep["honest_scale"]
-    assert set(hs["rows"]) == {"ablate components", "ablate neurons", "gradient ascent"}
+    assert set(hs["rows"]) == {"ablate components", "ablate neurons/heads", "gradient ascent"}
     for row in hs["rows"].values():
         assert row["gap"] == pytest.approx(row["loss"] - hs["target_loss"])
         assert "compute_fraction" in row and ("natural_nbeta" in row or "natural_note" in row)

@@ -419,3 +419,81 @@ def m_edit(run, ids):
     from spd.ablate import edited_target, parse_members
 
     return edited_target(run.model, parse_members(ids, run.model))
+
+
+def test_head_units_of_attention_projections():
+    """The unit baseline's heads, on a Llama with 4 query and 2 key/value heads: the output projection's units are
+    its heads (d_head input columns each); zeroing one removes exactly that head's slice of the attention output;
+    a kv head of the value projection silences the query heads that share it; q and k give no units; the effect the
+    baseline ranks by is the squared logit change of the zeroed model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spd.model import target_output
+    from spd.units import Unit, kinds_text, target_units, unit_effects, zero_units
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=SEQ, attn_implementation="eager",
+        )
+    ).eval()  # fmt: skip
+    a = "model.layers.0.self_attn."
+    mods = [a + "q_proj", a + "k_proj", a + "v_proj", a + "o_proj", "model.layers.0.mlp.up_proj"]
+    units = target_units(llama, mods)
+    assert units == [Unit(a + "o_proj", h, "head", 8) for h in range(4)] + [
+        Unit("model.layers.0.mlp.up_proj", j) for j in range(48)
+    ]  # q and k give none; v is covered by o's heads
+    assert kinds_text(units) == "units (4 heads, 48 neurons)" and kinds_text(units[:2]) == "heads"
+    assert target_units(llama, [a + "v_proj"]) == [Unit(a + "v_proj", h, "kv_head", 8) for h in range(2)]
+
+    x = progression_corpus(6)
+
+    def o_input(model):
+        seen = []
+        h = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        with torch.no_grad():
+            out = target_output(model, x)
+        h.remove()
+        return seen[0], out
+
+    z, ref = o_input(llama)
+    head = copy_of(llama)
+    zero_units(head, [Unit(a + "o_proj", 2, "head", 8)])
+    w, w0 = head.model.layers[0].self_attn.o_proj.weight, llama.model.layers[0].self_attn.o_proj.weight
+    assert w[:, 16:24].abs().sum() == 0 and torch.equal(w[:, :16], w0[:, :16]) and torch.equal(w[:, 24:], w0[:, 24:])
+    _, out = o_input(head)
+    eff = unit_effects(llama, [Unit(a + "o_proj", 2, "head", 8)], x, 4)
+    torch.testing.assert_close(eff[:, 0], (out - ref).pow(2).flatten(1).sum(1), rtol=1e-4, atol=1e-7)
+    assert eff.min() > 0
+    kv = copy_of(llama)
+    zero_units(kv, [Unit(a + "v_proj", 1, "kv_head", 8)])
+    z_kv, _ = o_input(kv)
+    assert z_kv[..., 16:].abs().max() == 0  # query heads 2 and 3 read kv head 1
+    torch.testing.assert_close(z_kv[..., :16], z[..., :16])
+
+
+def test_head_units_of_a_transformerlens_bridge():
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from spd.units import Unit, target_units, unit_effects, zero_units
+
+    bridge = TransformerBridge.boot_native(dict(TL_CONFIG))
+    units = target_units(bridge, ["blocks.0.attn.o", "blocks.1.attn.v"])
+    assert units == [Unit("blocks.0.attn.o", h, "head", 16) for h in range(2)] + [
+        Unit("blocks.1.attn.v", h, "kv_head", 16) for h in range(2)
+    ]
+    x = progression_corpus(4)
+    eff = unit_effects(bridge, units, x, 4)
+    for i, u in enumerate(units):  # the hook the effects use and the weight edit agree
+        t = copy_of(bridge)
+        zero_units(t, [u])
+        with torch.no_grad():
+            d = (t(x) - bridge(x)).pow(2).flatten(1).sum(1)
+        torch.testing.assert_close(eff[:, i], d, rtol=1e-4, atol=1e-7)
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)

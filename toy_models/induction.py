@@ -44,6 +44,8 @@ def sinusoidal(seq_len: int, d: int) -> Tensor:
 
 
 class Attention(nn.Module):
+    n_heads = 1  # read by spd.units (the head-ablation baseline)
+
     def __init__(self, d_model: int) -> None:
         super().__init__()
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
