@@ -1,5 +1,6 @@
 """The toy zoo: models, data, ground-truth scorers (hand-computed cases) and the `spd toy` commands."""
 
+import json
 import math
 import re
 
@@ -192,6 +193,31 @@ def test_toy_reproduce_writes_the_table(tmp_path):
     assert (tmp_path / "runs" / "cyclic" / "seed1" / "eval.json").is_file()
     with pytest.raises(SystemExit, match="exists"):
         spd_main(argv)
+    # --merge keeps the other toys' rows and says, per toy, where and when each ran
+    data = json.loads(md.with_suffix(".json").read_text())
+    data["meta"]["runs_on"]["cyclic"] = "an earlier machine"
+    md.with_suffix(".json").write_text(json.dumps(data))
+    argv2 = [
+        "toy",
+        "reproduce",
+        "--toys",
+        "tms_5-2",
+        "--seeds",
+        "0",
+        "--out",
+        str(md),
+        "--runs-dir",
+        str(tmp_path / "runs2"),
+        "--set",
+        "train.steps=30",
+        "--set",
+        "train.checkpoint_every=1000",
+        "--merge",
+    ]
+    assert spd_main(argv2) == 0  # fmt: skip
+    text = md.read_text()
+    assert re.search(r"\| cyclic \| [0-2] / 2 \|", text) and "| tms_5-2 | " in text
+    assert "run on an earlier machine." in text and text.count("; run on ") == 2
 
 
 # ---- scorers end to end on short runs (plumbing; recovery itself is in test_recovery.py) --------------------

@@ -80,8 +80,8 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any])
     lines = [
         "# Toy models: ground-truth recovery",
         "",
-        f"Written by `spd toy reproduce` ({meta['command']}) on {meta['device']}, torch {meta['torch']}, "
-        f"{meta['date']}. Total wall time {meta['total_wall_s'] / 60:.1f} min.",
+        f"Written by `spd toy reproduce` ({meta['command']}). Total wall time {meta['total_wall_s'] / 60:.1f} min; "
+        "each toy's section says where and when it ran.",
         "",
         "| toy | seeds passed | paper | wall time per seed (s) |",
         "|---|---|---|---|",
@@ -97,7 +97,8 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any])
         keys = [k for k in rs[0] if k not in ("toy", "failures")]
         lines += ["", f"## {name}: {TOYS[name].description}", "", f"Config `configs/{TOYS[name].config}`"
                   + (f", overrides `{' '.join(meta['overrides'][name])}`" if meta["overrides"].get(name) else "")
-                  + ".", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]  # fmt: skip
+                  + f"; run on {meta['runs_on'][name]}.", "",
+                  "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]  # fmt: skip
         for r in rs:
             lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
         fails = [f"seed {r['seed']}: " + "; ".join(r["failures"]) for r in rs if r["failures"]]
@@ -179,6 +180,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "total_wall_s": time.perf_counter() - t_all,
         "overrides": overrides,
+        "runs_on": {name: f"{dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}" for name in names},
         "runs_dir": str(runs_root),
     }
     out_json = out_md.with_suffix(".json")
@@ -187,6 +189,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         kept = [r for r in old["runs"] if r["toy"] not in names]
         rows = kept + rows
         meta["overrides"] = {k: v for k, v in old["meta"]["overrides"].items() if k not in names} | overrides
+        before = (
+            f"{old['meta']['device']}, torch {old['meta']['torch']}, {old['meta']['date']}"  # tables without runs_on
+        )
+        meta["runs_on"] = {r["toy"]: old["meta"].get("runs_on", {}).get(r["toy"], before) for r in kept} | meta[
+            "runs_on"
+        ]
         meta["total_wall_s"] += sum(r["wall_s"] for r in kept)
         meta["command"] = "; ".join(dict.fromkeys([old["meta"]["command"], meta["command"]]))
     write_markdown(out_md, rows, meta)
