@@ -2,15 +2,21 @@
 
     python benchmarks/recovery.py configs/tms_5-2.yaml --seeds 0 1 2 3 4 [--set train.steps=4000 ...]
 
-Prints one line per seed and a JSON summary (also written with --json-out).
+Prints one line per seed and a JSON summary (also written with --json-out; it records the command and the machine,
+and `spd toy import FILE` puts it into figures/toy_results.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import sys
 import time
 from pathlib import Path
+
+import torch
 
 from spd.config import load_config
 from spd.run import decompose
@@ -27,8 +33,10 @@ def main() -> None:
     p.add_argument("--runs-dir", type=Path, help="keep each seed's run directory here (re-score with `spd eval`)")
     args = p.parse_args()
     rows = []
+    device = "cpu"
     for seed in args.seeds:
         cfg = load_config(args.config, [*args.set, f"seed={seed}"])
+        device = cfg.train.device
         t0 = time.perf_counter()
         run_dir = args.runs_dir / f"{Path(args.config).stem}-seed{seed}" if args.runs_dir else None
         _, res = decompose(cfg, run_dir, progress=False)
@@ -44,9 +52,16 @@ def main() -> None:
         row["failures"] = gt["failures"]
         rows.append(row)
         print(json.dumps(row), flush=True)
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.startswith("cuda")
+        else f"{os.cpu_count()}-core {platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
     summary = {
         "config": args.config,
         "overrides": args.set,
+        "command": " ".join(["python benchmarks/recovery.py", *sys.argv[1:]]),
+        "machine": f"{machine}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}",
         "passed": sum(r["passed"] for r in rows),
         "of": len(rows),
         "runs": rows,

@@ -220,6 +220,46 @@ def test_toy_reproduce_writes_the_table(tmp_path):
     assert "run on an earlier machine." in text and text.count("; run on ") == 2
 
 
+def test_toy_import_puts_recovery_results_into_the_table(tmp_path):
+    md = tmp_path / "toy_results.md"
+    old = {
+        "meta": {
+            "command": "spd toy reproduce --toys cyclic",
+            "device": "x86_64 CPU",
+            "torch": "2.13",
+            "date": "2026-11-23",
+            "total_wall_s": 90.0,
+            "overrides": {"cyclic": []},
+        },
+        "runs": [{"toy": "cyclic", "seed": 0, "passed": True, "wall_s": 90.0, "alive/layer": 8, "failures": []}],
+    }
+    md.with_suffix(".json").write_text(json.dumps(old))  # a table from before per-toy commands were kept
+    res = tmp_path / "recovery_tms.json"
+    res.write_text(json.dumps({
+        "config": "configs/tms_5-2.yaml", "overrides": ["train.threads=1"], "machine": "a 2-core box, 2026-11-24",
+        "runs": [{"seed": 0, "passed": True, "wall_s": 80.0, "train_s": 79.0, "mmcs/linear1": 1.0,
+                  "dense_sum_rel_error/linear1": 0.01, "failures": []},
+                 {"seed": 1, "passed": False, "wall_s": 82.0, "mmcs/linear1": 0.99, "failures": ["mmcs low"],
+                  "note": "re-scored later"}]}))  # fmt: skip
+    assert spd_main(["toy", "import", str(res), "--out", str(md)]) == 0
+    text = md.read_text()
+    assert "| tms_5-2 | 1 / 2 | MMCS 1.000" in text and "| cyclic | 1 / 1 |" in text
+    assert text.index("## tms_5-2") < text.index("## cyclic")  # toys in TOYS order
+    assert "run on a 2-core box, 2026-11-24 (from" in text and "Command: `spd toy reproduce --toys cyclic`" in text
+    assert "overrides `train.threads=1`" in text and "Command: `python benchmarks/recovery.py" in text
+    assert "- seed 1: mmcs low" in text and "- seed 1: re-scored later" in text
+    assert "dense_sum_rel" not in text and "train_s" not in text  # the table shows the scorer's headline keys
+    # importing again replaces that toy's rows rather than adding to them
+    assert spd_main(["toy", "import", str(res), "--out", str(md)]) == 0
+    assert len(json.loads(md.with_suffix(".json").read_text())["runs"]) == 3
+    res.write_text(json.dumps({"config": "configs/not_a_toy.yaml", "runs": []}))
+    with pytest.raises(SystemExit, match="not a toy's config; toys use: tms_5-2.yaml"):
+        spd_main(["toy", "import", str(res), "--out", str(md)])
+    res.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a results file of benchmarks/recovery.py"):
+        spd_main(["toy", "import", str(res), "--out", str(md)])
+
+
 # ---- scorers end to end on short runs (plumbing; recovery itself is in test_recovery.py) --------------------
 def _short(name: str, *extra: str) -> dict:
     from spd.run import decompose

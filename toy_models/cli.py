@@ -5,6 +5,9 @@
     spd toy reproduce [--toys NAME ...] [--seeds 0 1 2 3 4] [--quick] [--device cuda]
                                                          decompose every toy for every seed; write
                                                          figures/toy_results.md, its JSON and CI-pattern figures
+    spd toy import RESULTS.json ...                      put per-seed results of benchmarks/recovery.py (runs made
+                                                         one seed per process, e.g. on several machines) into
+                                                         that table, replacing those toys' rows
 
 Unlike the toy models themselves this module drives the library (spd.config, spd.run); `spd` reaches it only
 through `spd toy`, by module name.
@@ -80,8 +83,9 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any])
     lines = [
         "# Toy models: ground-truth recovery",
         "",
-        f"Written by `spd toy reproduce` ({meta['command']}). Total wall time {meta['total_wall_s'] / 60:.1f} min; "
-        "each toy's section says where and when it ran.",
+        "Written by `spd toy reproduce` (runs every toy) and `spd toy import` (adds per-seed results of "
+        f"`benchmarks/recovery.py`). Total wall time {meta['total_wall_s'] / 60:.1f} min; each toy's section says "
+        "how, where and when it ran.",
         "",
         "| toy | seeds passed | paper | wall time per seed (s) |",
         "|---|---|---|---|",
@@ -90,20 +94,23 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any])
     for r in rows:
         by_toy.setdefault(r["toy"], []).append(r)
     for name, rs in by_toy.items():
-        walls = [r["wall_s"] for r in rs]
-        lines.append(f"| {name} | {sum(bool(r['passed']) for r in rs)} / {len(rs)} | {TOYS[name].paper} | "
-                     f"{min(walls):.0f}–{max(walls):.0f} |")  # fmt: skip
+        walls = [r["wall_s"] for r in rs if r["wall_s"] is not None]
+        span = f"{min(walls):.0f}–{max(walls):.0f}" if walls else "—"
+        lines.append(f"| {name} | {sum(bool(r['passed']) for r in rs)} / {len(rs)} | {TOYS[name].paper} | {span} |")
     for name, rs in by_toy.items():
-        keys = [k for k in rs[0] if k not in ("toy", "failures")]
+        keys = [k for k in dict.fromkeys(k for r in rs for k in r) if k not in ("toy", "failures", "note")]
         lines += ["", f"## {name}: {TOYS[name].description}", "", f"Config `configs/{TOYS[name].config}`"
                   + (f", overrides `{' '.join(meta['overrides'][name])}`" if meta["overrides"].get(name) else "")
-                  + f"; run on {meta['runs_on'][name]}.", "",
+                  + f"; run on {meta['runs_on'][name]}.", "", f"Command: `{meta['commands'][name]}`", "",
                   "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]  # fmt: skip
         for r in rs:
-            lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+            lines.append("| " + " | ".join(_fmt(r.get(k, "—")) for k in keys) + " |")
         fails = [f"seed {r['seed']}: " + "; ".join(r["failures"]) for r in rs if r["failures"]]
         if fails:
             lines += ["", "Failures:", *[f"- {f}" for f in fails]]
+        notes = [f"seed {r['seed']}: {r['note']}" for r in rs if r.get("note")]
+        if notes:
+            lines += ["", "Notes:", *[f"- {n}" for n in notes]]
         if (path.parent / "toy_ci" / f"{name}.png").exists():
             lines += ["", f"![{name} CI patterns](toy_ci/{name}.png)"]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +144,34 @@ def plot_ci_patterns(run: Any, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def merge_table(
+    out_json: Path, rows: list[dict[str, Any]], meta: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The new rows and meta merged into the table saved at `out_json`: its rows of other toys are kept."""
+    if not out_json.is_file():
+        return rows, meta
+    names = {r["toy"] for r in rows}
+    old = json.loads(out_json.read_text())
+    kept = [r for r in old["runs"] if r["toy"] not in names]
+    before = f"{old['meta']['device']}, torch {old['meta']['torch']}, {old['meta']['date']}"  # tables without runs_on
+    meta = dict(meta)
+    meta["overrides"] = {k: v for k, v in old["meta"]["overrides"].items() if k not in names} | meta["overrides"]
+    meta["runs_on"] = {r["toy"]: old["meta"].get("runs_on", {}).get(r["toy"], before) for r in kept} | meta["runs_on"]
+    meta["commands"] = {r["toy"]: old["meta"].get("commands", {}).get(r["toy"], old["meta"].get("command", "?"))
+                        for r in kept} | meta["commands"]  # fmt: skip
+    meta["total_wall_s"] += sum(r["wall_s"] or 0.0 for r in kept)
+    return kept + rows, meta
+
+
+def write_table(out_md: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """figures/toy_results.md and its JSON, toys in TOYS order."""
+    order = list(TOYS)
+    rows = sorted(rows, key=lambda r: order.index(r["toy"]))  # stable: seeds keep their order
+    write_markdown(out_md, rows, meta)
+    out_md.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n")
+    print(f"wrote {out_md} ({sum(bool(r['passed']) for r in rows)} of {len(rows)} runs passed)")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -174,7 +209,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     )
     meta = {
-        "command": "spd toy " + " ".join(args.argv),
+        "commands": {name: "spd toy " + " ".join(args.argv) for name in names},
         "device": dev,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
@@ -183,23 +218,73 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         "runs_on": {name: f"{dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}" for name in names},
         "runs_dir": str(runs_root),
     }
-    out_json = out_md.with_suffix(".json")
-    if args.merge and out_json.is_file():  # keep the other toys' rows from an earlier reproduction
-        old = json.loads(out_json.read_text())
-        kept = [r for r in old["runs"] if r["toy"] not in names]
-        rows = kept + rows
-        meta["overrides"] = {k: v for k, v in old["meta"]["overrides"].items() if k not in names} | overrides
-        before = (
-            f"{old['meta']['device']}, torch {old['meta']['torch']}, {old['meta']['date']}"  # tables without runs_on
+    if args.merge:
+        rows, meta = merge_table(out_md.with_suffix(".json"), rows, meta)
+    write_table(out_md, rows, meta)
+    return 0
+
+
+# ---- import ------------------------------------------------------------------------------------------
+def toy_of_config(config: str) -> str:
+    """The toy whose shipped config a results file names (by file name: configs/tms_5-2.yaml -> tms_5-2)."""
+    names = [n for n, t in TOYS.items() if t.config == Path(config).name]
+    if not names:
+        raise SystemExit(
+            f"spd toy import: config {config!r} is not a toy's config; toys use: "
+            + ", ".join(t.config for t in TOYS.values())
         )
-        meta["runs_on"] = {r["toy"]: old["meta"].get("runs_on", {}).get(r["toy"], before) for r in kept} | meta[
-            "runs_on"
-        ]
-        meta["total_wall_s"] += sum(r["wall_s"] for r in kept)
-        meta["command"] = "; ".join(dict.fromkeys([old["meta"]["command"], meta["command"]]))
-    write_markdown(out_md, rows, meta)
-    out_json.write_text(json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n")
-    print(f"wrote {out_md} ({sum(bool(r['passed']) for r in rows)} of {len(rows)} runs passed)")
+    return names[0]
+
+
+def read_recovery(path: Path) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+    """A `benchmarks/recovery.py --json-out` file as (toy, table rows, what to say about where it ran)."""
+    try:
+        data = json.loads(path.read_text())
+        config, runs = data["config"], data["runs"]
+    except FileNotFoundError:
+        raise SystemExit(f"spd toy import: {path} does not exist") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise SystemExit(
+            f"spd toy import: {path} is not a results file of benchmarks/recovery.py (a JSON object with "
+            "'config' and 'runs')"
+        ) from None
+    name = toy_of_config(config)
+    rows = []
+    for r in runs:
+        wall = r.get("wall_s") if r.get("wall_s") is not None else r.get("train_s")  # resumed runs: training time
+        row: dict[str, Any] = {"toy": name, "seed": r["seed"], "passed": r["passed"], "wall_s": wall}
+        row |= {k: v for k, v in r.items() if k.startswith(SHOWN)}
+        row["failures"] = r.get("failures", [])
+        if r.get("note"):
+            row["note"] = r["note"]
+        rows.append(row)
+    overrides = list(data.get("overrides", []))
+    info = {
+        "overrides": overrides,
+        "runs_on": data.get("machine", "machine not recorded"),
+        "command": data.get(
+            "command", f"python benchmarks/recovery.py {config} " + " ".join(f"--set {o}" for o in overrides)
+        ).strip(),  # fmt: skip
+    }
+    return name, rows, info
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    out_md = Path(args.out)
+    rows: list[dict[str, Any]] = []
+    meta: dict[str, Any] = {"overrides": {}, "runs_on": {}, "commands": {}, "total_wall_s": 0.0}
+    for f in args.results:
+        name, rs, info = read_recovery(Path(f))
+        if name in meta["overrides"]:
+            raise SystemExit(f"spd toy import: two files for toy {name!r}; give one file per toy")
+        rows += rs
+        meta["overrides"][name] = info["overrides"]
+        meta["runs_on"][name] = f"{info['runs_on']} (from {f})"
+        meta["commands"][name] = info["command"]
+        meta["total_wall_s"] += sum(r["wall_s"] or 0.0 for r in rs)
+    meta |= {"device": "see each toy", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    rows, meta = merge_table(out_md.with_suffix(".json"), rows, meta)
+    write_table(out_md, rows, meta)
     return 0
 
 
@@ -226,6 +311,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--runs-dir", help="where the runs go (default runs/reproduce-<timestamp>)")
     r.add_argument("--merge", action="store_true", help="keep other toys' rows of the existing table")
     r.set_defaults(fn=cmd_reproduce)
+    i = sub.add_parser("import", help="put results of benchmarks/recovery.py into the results table")
+    i.add_argument("results", nargs="+", help="JSON files written by benchmarks/recovery.py --json-out")
+    i.add_argument("--out", default=str(ROOT / "figures" / "toy_results.md"))
+    i.set_defaults(fn=cmd_import)
     return p
 
 
