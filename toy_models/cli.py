@@ -240,31 +240,29 @@ def read_recovery(path: Path) -> tuple[str, list[dict[str, Any]], dict[str, Any]
     """A `benchmarks/recovery.py --json-out` file as (toy, table rows, what to say about where it ran)."""
     try:
         data = json.loads(path.read_text())
-        config, runs = data["config"], data["runs"]
+        name = toy_of_config(data["config"])
+        rows = []
+        for r in data["runs"]:
+            wall = r.get("wall_s") if r.get("wall_s") is not None else r.get("train_s")  # resumed runs: training
+            row: dict[str, Any] = {"toy": name, "seed": r["seed"], "passed": r["passed"], "wall_s": wall}
+            row |= {k: v for k, v in r.items() if k.startswith(SHOWN)}
+            row["failures"] = r.get("failures", [])
+            if r.get("note"):
+                row["note"] = r["note"]
+            rows.append(row)
     except FileNotFoundError:
         raise SystemExit(f"spd toy import: {path} does not exist") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise SystemExit(
             f"spd toy import: {path} is not a results file of benchmarks/recovery.py (a JSON object with "
-            "'config' and 'runs')"
+            "'config' and 'runs', each run with 'seed' and 'passed')"
         ) from None
-    name = toy_of_config(config)
-    rows = []
-    for r in runs:
-        wall = r.get("wall_s") if r.get("wall_s") is not None else r.get("train_s")  # resumed runs: training time
-        row: dict[str, Any] = {"toy": name, "seed": r["seed"], "passed": r["passed"], "wall_s": wall}
-        row |= {k: v for k, v in r.items() if k.startswith(SHOWN)}
-        row["failures"] = r.get("failures", [])
-        if r.get("note"):
-            row["note"] = r["note"]
-        rows.append(row)
     overrides = list(data.get("overrides", []))
     info = {
         "overrides": overrides,
         "runs_on": data.get("machine", "machine not recorded"),
-        "command": data.get(
-            "command", f"python benchmarks/recovery.py {config} " + " ".join(f"--set {o}" for o in overrides)
-        ).strip(),  # fmt: skip
+        "command": data.get("command")
+        or " ".join(["python benchmarks/recovery.py", data["config"], *(f"--set {o}" for o in overrides)]),
     }
     return name, rows, info
 
