@@ -4,7 +4,8 @@ Inputs are plain data: the evaluation dict (`spd.evals.evaluate`), the run's log
 the configured step count and the decomposed matrices' shapes. Rules (thresholds in `Thresholds`):
 
 - collapse: in a module, few of the CIs that fire (> the CI threshold) are decisive (>= 0.9), while reconstruction
-  is poor (stochastic recon a sizeable share of the zero-output baseline) or has risen from its best value;
+  is poor (stochastic recon a sizeable share of the zero-output baseline) or has risen from its best value, or
+  almost none are (the penalty holds every CI down: ResidMLP 1 at 30x its importance coefficient, 0.2%);
 - too_dense: CI-L0 of a module is at least half the rank of its weight matrix (no sparser than the matrix itself);
 - dead: no subcomponent of a module is alive; capacity: all are alive (C may be too small to hold every mechanism);
 - unconverged: CI-L0 (training log) or adversarial reconstruction (periodic evals; judged with >= 5 of them in
@@ -25,6 +26,7 @@ import numpy as np
 @dataclass(frozen=True)
 class Thresholds:
     near_one_min: float = 0.5  # collapse: share of firing CIs that reach 0.9
+    near_one_floor: float = 0.02  # collapse whatever the reconstruction: so few reach 0.9 (good runs: >= 0.1)
     recon_share_max: float = 0.05  # collapse: stochastic recon / zero-output baseline
     recon_rise: float = 2.0  # collapse: settled recon / best logged recon
     dense_rank_frac: float = 0.5  # too_dense: CI-L0 / rank
@@ -124,8 +126,11 @@ def diagnose(
     poor = share is not None and share > th.recon_share_max
     rising = rise is not None and rise > th.recon_rise
     for n, frac in near.items():
-        if not apd and frac < th.near_one_min and (poor or rising):
+        held_down = frac < th.near_one_floor and alive.get(n, 1) > 0  # (a module where nothing fires is "dead")
+        if not apd and frac < th.near_one_min and (poor or rising or held_down):
             why = []
+            if held_down:
+                why.append(f"the importance penalty holds the CIs down ({knob_high})")
             if poor:
                 why.append(f"stochastic recon {stoch:.3g} is {share:.1%} of the zero-output baseline {base:.3g}")
             if rising:
@@ -151,7 +156,7 @@ def diagnose(
                 "dead", f"all {C} {pieces} of {n} are dead (never {on} on the eval data); {knob_high}",
                 n, {"alive": 0, "C": C},
             ))  # fmt: skip
-        elif n in alive and alive[n] == C:
+        elif n in alive and alive[n] == C and not any(d.kind == "collapse" and d.module == n for d in out):
             out.append(Diagnostic(
                 "capacity", f"all {C} {pieces} of {n} are alive ({on}); C may be too small to hold every "
                 f"mechanism, or {knob_low}", n, {"alive": C, "C": C},

@@ -49,6 +49,12 @@ def test_collapse_needs_indecisive_cis_and_poor_or_rising_reconstruction():
     rising = history(recon=lambda s: 1e-4 if s < 50 else 5e-4)
     d = diagnose(good_results(**{"ci_near_one/a": 0.2}), rising, 100, SHAPES, 0.1)
     assert kinds(d) == ["collapse"] and "5.0x its best value" in d[0].message
+    # ... and so are CIs of which almost none is decisive, whatever the reconstruction (ResidMLP 1 at 30x its
+    # importance coefficient: 0.2% reach 0.9, recon 2% of the baseline); the collapse replaces a capacity warning
+    d = diagnose(good_results(**{"ci_near_one/b": 0.002, "alive/b": 20}), history(), 100, SHAPES, 0.1)
+    assert kinds(d) == ["collapse"] and d[0].module == "b" and "holds the CIs down" in d[0].message
+    assert "may be too high" in d[0].message
+    assert diagnose(good_results(**{"ci_near_one/b": 0.1}), history(), 100, SHAPES, 0.1) == []  # a good W_out: 12%
 
 
 def test_too_dense_dead_and_capacity():
