@@ -142,6 +142,7 @@ def diagnose(
             ))  # fmt: skip
 
     # density and dead / capacity
+    collapsed = {d.module for d in out}  # a collapse explains all-alive better than a capacity warning does
     for n, (C, d_in, d_out) in shapes.items():
         rank = min(d_in, d_out)
         if n in l0 and l0[n] >= th.dense_rank_frac * rank:
@@ -156,7 +157,7 @@ def diagnose(
                 "dead", f"all {C} {pieces} of {n} are dead (never {on} on the eval data); {knob_high}",
                 n, {"alive": 0, "C": C},
             ))  # fmt: skip
-        elif n in alive and alive[n] == C and not any(d.kind == "collapse" and d.module == n for d in out):
+        elif n in alive and alive[n] == C and n not in collapsed:
             out.append(Diagnostic(
                 "capacity", f"all {C} {pieces} of {n} are alive ({on}); C may be too small to hold every "
                 f"mechanism, or {knob_low}", n, {"alive": C, "C": C},

@@ -64,7 +64,8 @@ TOYS: dict[str, Toy] = {
         "resid_mlp1.yaml",
         "ResidMLP, 1 layer: 100 ReLU functions on 50 neurons (compressed computation)",
         "100 W_in subcomponents, one per feature; 50 co-active W_out subcomponents (one rank-50 mechanism)",
-        # no reduced schedule: 12k steps (17 min on 2 CPU cores) is the shortest that recovered it; a smaller instance
+        # no reduced schedule: 12k steps (17 min on 2 CPU cores) came closest (dense-CI error 2,
+        # recovery_resid_mlp1_12k.json); a smaller instance
         # (20 features on 10 neurons, d_embed 200, C 30, 6000 steps at batch 512, ~2 min) was not reliable (seed 0:
         # identity-CI error 2, dense-CI error 2), and grouping its 10 W_out pieces at alpha 2 gave ARI 0.25
         [],

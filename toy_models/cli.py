@@ -66,10 +66,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---- reproduce ---------------------------------------------------------------------------------------
+def _shown(scores: dict[str, Any]) -> dict[str, Any]:
+    """The scorer's headline keys of a run's ground-truth scores (without the `gt/` prefix), floats rounded."""
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items() if k.startswith(SHOWN)}
+
+
 def _row(name: str, seed: int, results: dict[str, Any], wall: float) -> dict[str, Any]:
     gt = {k[3:]: v for k, v in results.items() if k.startswith("gt/")}
     row: dict[str, Any] = {"toy": name, "seed": seed, "passed": gt.get("passed"), "wall_s": round(wall, 1)}
-    row |= {k: (round(v, 4) if isinstance(v, float) else v) for k, v in gt.items() if k.startswith(SHOWN)}
+    row |= _shown(gt)
     row["ci_l0_total"] = round(results.get("ci_l0/total", float("nan")), 3)
     row["failures"] = gt.get("failures", [])
     return row
@@ -245,7 +250,7 @@ def read_recovery(path: Path) -> tuple[str, list[dict[str, Any]], dict[str, Any]
         for r in data["runs"]:
             wall = r.get("wall_s") if r.get("wall_s") is not None else r.get("train_s")  # resumed runs: training
             row: dict[str, Any] = {"toy": name, "seed": r["seed"], "passed": r["passed"], "wall_s": wall}
-            row |= {k: v for k, v in r.items() if k.startswith(SHOWN)}
+            row |= _shown(r)
             row["failures"] = r.get("failures", [])
             if r.get("note"):
                 row["note"] = r["note"]
