@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ spd: parameter decomposition of trained networks (SPD, and APD with `method: apd
 
   spd train CONFIG [--out DIR] [--set key.path=value ...]   decompose the target a YAML config names
   spd resume RUN_DIR                                        continue a crashed/stopped run from its last checkpoint
-  spd eval RUN_DIR [--json]                                 evaluate a run (ground truth, adversarial, diagnostics)
+  spd eval RUN_DIR [--json] [--save]                        evaluate a run (ground truth, adversarial, diagnostics)
   spd sweep CONFIG --grid KEY=V1,V2 [--seeds N] [--jobs J]  run a grid of configs, each in its own directory
   spd report RUN_DIR... [--out DIR]                         settled-window table and Pareto figure for runs
   spd compare RUN_DIR... [--out DIR]                        one table for runs on one target (SPD vs APD)
@@ -134,9 +135,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from spd.run import load_run
 
     run = load_run(args.run_dir)
+    if args.save and run.checkpoint_step is not None:
+        print(
+            f"error: {args.run_dir} is unfinished (its latest checkpoint is step {run.checkpoint_step}); --save writes "
+            f"only a finished run's eval.json. Finish it with `spd resume {args.run_dir}`",
+            file=sys.stderr,
+        )
+        return 2
     results = run.evaluate() | {f"target/{k}": v for k, v in run.task.info.items()}
     if not args.no_honest_scale and run.task.metrics is not None:
         results["honest_scale"] = run.honest_scale(natural=not args.no_natural)
+    if args.save:
+        results = _save_eval(Path(args.run_dir), results)
     if args.json:
         json.dump(results, sys.stdout, default=str)
         sys.stdout.write("\n")
@@ -148,6 +158,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print()
             print(markdown(results["honest_scale"]))
     return 0
+
+
+# facts about training, not the evaluation: carried over when a run is re-evaluated
+_TRAINING_KEYS = ("train_seconds", "method", "peak_rss_mb", "peak_cuda_mb")
+
+
+def _save_eval(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Make `results` the run's eval.json (what `spd report`, `spd compare` and `spd sweep` read), keeping the
+    training facts of the previous one; the previous file is kept beside it as eval.<time>.json."""
+    from spd import io
+
+    path = run_dir / io.EVAL
+    if path.is_file():
+        old = json.loads(path.read_text())
+        results = {k: old[k] for k in _TRAINING_KEYS if k in old} | results
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(path.stat().st_mtime))
+        kept, i = run_dir / f"eval.{stamp}.json", 1
+        while kept.exists():
+            kept, i = run_dir / f"eval.{stamp}-{i}.json", i + 1
+        os.replace(path, kept)
+        print(f"previous evaluation kept as {kept}", file=sys.stderr)
+    io.write_json(path, results)
+    return results
 
 
 def cmd_degrade(args: argparse.Namespace) -> int:
@@ -403,6 +436,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.add_argument("--no-honest-scale", action="store_true", help="leave out the honest-scale section")
     e.add_argument("--no-natural", action="store_true", help="honest scale without the SGLD natural degradation")
+    e.add_argument(
+        "--save", action="store_true",
+        help="write the results as the run's eval.json (the one report/compare read); the old one is kept",
+    )  # fmt: skip
     e.set_defaults(fn=cmd_eval)
     d = sub.add_parser("degrade", help="write a naturally degraded (SGLD) copy of a target at a chosen loss")
     d.add_argument("target", help="a run config (YAML) or a run directory")

@@ -7,6 +7,9 @@ the configured step count and the decomposed matrices' shapes. Rules (thresholds
   is poor (stochastic recon a sizeable share of the zero-output baseline) or has risen from its best value, or
   almost none are (the penalty holds every CI down: ResidMLP 1 at 30x its importance coefficient, 0.2%);
 - too_dense: CI-L0 of a module is at least half the rank of its weight matrix (no sparser than the matrix itself);
+  when no more subcomponents than the rank are alive and all of them fire on almost every input, the message says
+  the module acts as one dense mechanism, which is right for a layer every input needs whole (TMS 40-10's
+  identity layer: 10 of rank 10, always on) and wrong for one that should be sparse: only the user can tell;
 - dead: no subcomponent of a module is alive; capacity: all are alive (C may be too small to hold every mechanism);
 - unconverged: CI-L0 (training log) or adversarial reconstruction (periodic evals; judged with >= 5 of them in
   the window and a slope > 3 standard errors, since each is one noisy batch) still trends over the last window of
@@ -30,6 +33,7 @@ class Thresholds:
     recon_share_max: float = 0.05  # collapse: stochastic recon / zero-output baseline
     recon_rise: float = 2.0  # collapse: settled recon / best logged recon
     dense_rank_frac: float = 0.5  # too_dense: CI-L0 / rank
+    always_on: float = 0.9  # ... worded as one dense mechanism when CI-L0 >= this x alive and alive <= rank
     window: float = 0.2  # unconverged: last fraction of the steps
     l0_trend_max: float = 0.1  # unconverged: |relative change of CI-L0 over the window|
     adv_trend_max: float = 0.25  # unconverged: |relative change of adversarial recon over the window|
@@ -145,7 +149,16 @@ def diagnose(
     collapsed = {d.module for d in out}  # a collapse explains all-alive better than a capacity warning does
     for n, (C, d_in, d_out) in shapes.items():
         rank = min(d_in, d_out)
-        if n in l0 and l0[n] >= th.dense_rank_frac * rank:
+        a = alive.get(n)
+        if n in l0 and l0[n] >= th.dense_rank_frac * rank and a and a <= rank and l0[n] >= th.always_on * a:
+            out.append(Diagnostic(  # no more pieces than the rank, each on every input: one full-rank mechanism
+                "too_dense",
+                f"{n} is one dense mechanism: its {a:g} alive {pieces} (rank {rank}) are all {on} on almost every "
+                f"input (CI-L0 {l0[n]:.2f}). Right for a layer every input needs whole (an identity, a rotation); "
+                f"if this layer should be sparse, {knob_low}",
+                n, {"ci_l0": l0[n], "rank": rank, "alive": a},
+            ))  # fmt: skip
+        elif n in l0 and l0[n] >= th.dense_rank_frac * rank:
             out.append(Diagnostic(
                 "too_dense",
                 f"{n} is too dense: CI-L0 {l0[n]:.2f} per input is >= {th.dense_rank_frac:g} x its rank {rank} "

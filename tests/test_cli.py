@@ -100,3 +100,34 @@ def test_degrade_writes_a_target_that_decomposes(tmp_path, capsys, monkeypatch):
     assert main(["degrade", str(tmp_path / "run"), "--compute-fraction", "0.2", "--out", str(tmp_path / "d3")]) == 0
     request = json.loads((tmp_path / "d3" / "degrade.json").read_text())["request"]
     assert request["compute_fraction"] == 0.2 and request["loss"] > request["target_loss"]
+
+
+def test_eval_save_rewrites_eval_json_and_keeps_the_old_one(tmp_path, capsys):
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_tms_config()))
+    out = tmp_path / "run"
+    assert main(["train", str(cfg_path), "--out", str(out), "--quiet", "--set", "train.steps=6"]) == 0
+    first = json.loads((out / "eval.json").read_text())
+    stale = first | {"diagnostics": ["[stale] from an older spd"], "recon/ci": -1.0}
+    (out / "eval.json").write_text(json.dumps(stale))
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", "--no-honest-scale", "--save"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["recon/ci"] == printed["recon/ci"] == pytest.approx(first["recon/ci"])
+    assert saved["diagnostics"] == first["diagnostics"]
+    assert saved["train_seconds"] == first["train_seconds"]  # a training fact, carried over
+    (kept,) = out.glob("eval.*.json")
+    assert json.loads(kept.read_text()) == stale
+
+
+def test_eval_save_refuses_an_unfinished_run(tmp_path, capsys):
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_tms_config()))
+    out = tmp_path / "run"
+    assert main(["train", str(cfg_path), "--out", str(out), "--quiet", "--set", "train.steps=12"]) == 0
+    (out / "eval.json").unlink()  # as if it had crashed after its checkpoint at step 10
+    (out / "model.safetensors").unlink()
+    assert main(["eval", str(out), "--save"]) == 2
+    assert "unfinished" in capsys.readouterr().err
+    assert not (out / "eval.json").exists()

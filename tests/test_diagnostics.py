@@ -60,6 +60,12 @@ def test_collapse_needs_indecisive_cis_and_poor_or_rising_reconstruction():
 def test_too_dense_dead_and_capacity():
     d = diagnose(good_results(**{"ci_l0/a": 1.5}), history(), 100, SHAPES, 0.1)
     assert kinds(d) == ["too_dense"] and "CI-L0 1.50" in d[0].message and "rank 2" in d[0].message
+    # no more alive pieces than the rank, each on every input: one dense mechanism (an identity layer)
+    d = diagnose(good_results(**{"ci_l0/a": 1.9, "alive/a": 2}), history(), 100, SHAPES, 0.1)
+    assert kinds(d) == ["too_dense"] and "one dense mechanism" in d[0].message and "2 alive" in d[0].message
+    assert "should be sparse, the importance coefficient may be too low" in d[0].message
+    d = diagnose(good_results(**{"ci_l0/a": 1.5, "alive/a": 2}), history(), 100, SHAPES, 0.1)  # 2 alive, L0 1.5
+    assert kinds(d) == ["too_dense"] and "is too dense" in d[0].message
     d = diagnose(good_results(**{"alive/b": 0}), history(), 100, SHAPES, 0.1)
     assert kinds(d) == ["dead"] and "all 20 subcomponents of b" in d[0].message and "0.1" in d[0].message
     d = diagnose(good_results(**{"alive/b": 20}), history(), 100, SHAPES, 0.1)
