@@ -93,12 +93,16 @@ def _print_summary(results: dict[str, Any], path: Path | None) -> None:
         print(f"  WARNING {d}")
 
 
-def _default_out(config: str) -> Path:
-    base = Path("runs") / f"{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out, i = base, 1
+def _unused(stem: Path, suffix: str = "") -> Path:
+    """stem + suffix, or stem-1 + suffix, stem-2 + suffix, ...: the first that does not exist."""
+    out, i = Path(f"{stem}{suffix}"), 1
     while out.exists():
-        out, i = Path(f"{base}-{i}"), i + 1
+        out, i = Path(f"{stem}-{i}{suffix}"), i + 1
     return out
+
+
+def _default_out(config: str) -> Path:
+    return _unused(Path("runs") / f"{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -173,10 +177,7 @@ def _save_eval(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     if path.is_file():
         old = json.loads(path.read_text())
         results = {k: old[k] for k in _TRAINING_KEYS if k in old} | results
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(path.stat().st_mtime))
-        kept, i = run_dir / f"eval.{stamp}.json", 1
-        while kept.exists():
-            kept, i = run_dir / f"eval.{stamp}-{i}.json", i + 1
+        kept = _unused(run_dir / time.strftime("eval.%Y%m%d-%H%M%S", time.gmtime(path.stat().st_mtime)), ".json")
         os.replace(path, kept)
         print(f"previous evaluation kept as {kept}", file=sys.stderr)
     io.write_json(path, results)

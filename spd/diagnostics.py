@@ -150,21 +150,15 @@ def diagnose(
     for n, (C, d_in, d_out) in shapes.items():
         rank = min(d_in, d_out)
         a = alive.get(n)
-        if n in l0 and l0[n] >= th.dense_rank_frac * rank and a and a <= rank and l0[n] >= th.always_on * a:
-            out.append(Diagnostic(  # no more pieces than the rank, each on every input: one full-rank mechanism
-                "too_dense",
-                f"{n} is one dense mechanism: its {a:g} alive {pieces} (rank {rank}) are all {on} on almost every "
-                f"input (CI-L0 {l0[n]:.2f}). Right for a layer every input needs whole (an identity, a rotation); "
-                f"if this layer should be sparse, {knob_low}",
-                n, {"ci_l0": l0[n], "rank": rank, "alive": a},
-            ))  # fmt: skip
-        elif n in l0 and l0[n] >= th.dense_rank_frac * rank:
-            out.append(Diagnostic(
-                "too_dense",
-                f"{n} is too dense: CI-L0 {l0[n]:.2f} per input is >= {th.dense_rank_frac:g} x its rank {rank} "
-                f"(no sparser than the matrix itself); {knob_low}",
-                n, {"ci_l0": l0[n], "rank": rank},
-            ))  # fmt: skip
+        if n in l0 and l0[n] >= th.dense_rank_frac * rank:
+            if a and a <= rank and l0[n] >= th.always_on * a:  # each piece on every input: one full-rank mechanism
+                msg = (f"{n} is one dense mechanism: its {a:g} alive {pieces} (rank {rank}) are all {on} on almost "
+                       f"every input (CI-L0 {l0[n]:.2f}). Right for a layer every input needs whole (an identity, a "
+                       f"rotation); if this layer should be sparse, {knob_low}")  # fmt: skip
+            else:
+                msg = (f"{n} is too dense: CI-L0 {l0[n]:.2f} per input is >= {th.dense_rank_frac:g} x its rank "
+                       f"{rank} (no sparser than the matrix itself); {knob_low}")  # fmt: skip
+            out.append(Diagnostic("too_dense", msg, n, {"ci_l0": l0[n], "rank": rank, "alive": a or 0}))
         if n in alive and alive[n] == 0:
             out.append(Diagnostic(
                 "dead", f"all {C} {pieces} of {n} are dead (never {on} on the eval data); {knob_high}",
