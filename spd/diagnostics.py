@@ -10,7 +10,8 @@ the configured step count and the decomposed matrices' shapes. Rules (thresholds
   when no more subcomponents than the rank are alive and all of them fire on almost every input, the message says
   the module acts as one dense mechanism, which is right for a layer every input needs whole (TMS 40-10's
   identity layer: 10 of rank 10, always on) and wrong for one that should be sparse: only the user can tell;
-- dead: no subcomponent of a module is alive; capacity: all are alive (C may be too small to hold every mechanism);
+- dead: no subcomponent of a module is alive; capacity: all are alive (none spare: C may be too small, or exactly
+  enough, as in ResidMLP 1's paper config with C = the number of features; only a larger C tells);
 - unconverged: CI-L0 (training log) or adversarial reconstruction (periodic evals; judged with >= 5 of them in
   the window and a slope > 3 standard errors, since each is one noisy batch) still trends over the last window of
   training, or the run stopped before its last step;
@@ -166,8 +167,9 @@ def diagnose(
             ))  # fmt: skip
         elif n in alive and alive[n] == C and n not in collapsed:
             out.append(Diagnostic(
-                "capacity", f"all {C} {pieces} of {n} are alive ({on}); C may be too small to hold every "
-                f"mechanism, or {knob_low}", n, {"alive": C, "C": C},
+                "capacity", f"all {C} {pieces} of {n} are alive ({on}): none is spare, so this run cannot tell "
+                f"whether C holds every mechanism (C exactly enough looks the same as C too small); rerun with a "
+                f"larger C to check, or {knob_low}", n, {"alive": C, "C": C},
             ))  # fmt: skip
 
     # convergence

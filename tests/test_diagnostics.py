@@ -69,7 +69,7 @@ def test_too_dense_dead_and_capacity():
     d = diagnose(good_results(**{"alive/b": 0}), history(), 100, SHAPES, 0.1)
     assert kinds(d) == ["dead"] and "all 20 subcomponents of b" in d[0].message and "0.1" in d[0].message
     d = diagnose(good_results(**{"alive/b": 20}), history(), 100, SHAPES, 0.1)
-    assert kinds(d) == ["capacity"]
+    assert kinds(d) == ["capacity"] and "rerun with a larger C" in d[0].message
 
 
 def test_apd_runs_get_apd_wording_and_no_collapse_check():
