@@ -70,7 +70,10 @@ TOYS: dict[str, Toy] = {
         # identity-CI error 2, dense-CI error 2), and grouping its 10 W_out pieces at alpha 2 gave ARI 0.25.
         # Retuned (C 20 per matrix, importance coefficient 2e-4, 6000 steps at batch 2048, ~150 s at one
         # thread beside two runs): seed 0 passes with ARI 0.98, seeds 1-4 keep identity-CI errors of 3-7 and
-        # ARI 0.41-0.66 (1 of 5: too fragile for a default test)
+        # ARI 0.41-0.66 (1 of 5: too fragile for a default test). The same instance at feature probability 0.05
+        # (one active feature per input, as in the paper's 100 x 0.01) is worse: coefficient 1e-5 gives 10-15 W_in
+        # pieces firing ~3 per input (seeds 0-3), 1e-4 13-17 alive (seeds 0-1), 4e-4 18-20 alive with
+        # identity-CI errors 27 and 8 (seeds 0-1)
         [],
     ),
     "resid_mlp2": Toy(
