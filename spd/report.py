@@ -97,6 +97,20 @@ def label(row: dict[str, Any], keys: list[str], rows: list[dict[str, Any]] | Non
     return ", ".join(parts) or Path(row["run"]).name
 
 
+def point_labels(points: list[dict[str, Any]], keys: list[str], rows: list[dict[str, Any]]) -> list[str | None]:
+    """Annotation per plotted run: when seeds vary beside other settings, each setting is named once (at its
+    first run, without the seed; seeds are told apart by marker shape), else every run by its varying keys."""
+    if "seed" not in keys or len(keys) == 1:
+        return [label(r, keys, rows) for r in points]
+    named: set[str] = set()
+    out: list[str | None] = []
+    for r in points:
+        text = label(r, [k for k in keys if k != "seed"], rows)
+        out.append(None if text in named else text)
+        named.add(text)
+    return out
+
+
 def _fmt(v: Any) -> str:
     return "—" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -141,13 +155,26 @@ def write_report(rows: list[dict[str, Any]], out: Path, window: float = 0.2) -> 
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        xs, ys = [r["ci_l0"] for r in plotted], [r["adversarial"] for r in plotted]
-        ax.scatter(xs, ys, c=["tab:red" if id(r) in front else "tab:gray" for r in plotted], zorder=3)
+        ys = [r["adversarial"] for r in plotted]
+        # seeds of one setting sit close together: one marker shape per seed, the setting named once
+        by_seed = "seed" in keys and len(keys) > 1
+        seeds = sorted({str(r["config"].get("seed")) for r in plotted}) if by_seed else [""]
+        shapes = "osD^v<>pP*" * (len(seeds) // 10 + 1)
+        for seed, marker in zip(seeds, shapes, strict=False):
+            group = [r for r in plotted if not by_seed or str(r["config"].get("seed")) == seed]
+            ax.scatter([r["ci_l0"] for r in group], [r["adversarial"] for r in group], marker=marker, zorder=3,
+                       c=["tab:red" if id(r) in front else "tab:gray" for r in group])  # fmt: skip
         fr = sorted((r for r in plotted if id(r) in front), key=lambda r: r["ci_l0"])
         ax.step([r["ci_l0"] for r in fr], [r["adversarial"] for r in fr], where="post", color="tab:red", lw=1)
-        for r in plotted:
-            ax.annotate(label(r, keys, rows), (r["ci_l0"], r["adversarial"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")  # fmt: skip
+        for r, text in zip(plotted, point_labels(plotted, keys, rows), strict=True):
+            if text is not None:
+                ax.annotate(text, (r["ci_l0"], r["adversarial"]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+        if by_seed:  # marker shapes only (colour says Pareto: red on the front, grey off it)
+            from matplotlib.lines import Line2D
+
+            ax.legend(handles=[Line2D([], [], marker=m, ls="", color="black", label=f"seed {sd}")
+                               for sd, m in zip(seeds, shapes, strict=False)], fontsize=7)  # fmt: skip
         if min(ys) > 0:
             ax.set_yscale("log")
         ax.set_xlabel("CI-L0 per input (all matrices)")

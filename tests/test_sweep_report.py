@@ -8,7 +8,7 @@ from helpers import tiny_tms_config
 
 from spd import io
 from spd.cli import main
-from spd.report import collect, pareto_front, settled
+from spd.report import collect, pareto_front, point_labels, settled, varying
 from spd.sweep import grid_points, parse_grid
 
 
@@ -76,3 +76,13 @@ def test_sweep_names_a_bad_key_before_running_anything(tmp_path, capsys):
     assert main(["sweep", str(path), "--grid", "train.stpes=1,2", "--out", str(tmp_path / "s")]) == 2
     assert "stpes" in capsys.readouterr().err
     assert not any((tmp_path / "s").glob("*/config.yaml"))
+
+
+def test_seeds_of_one_setting_are_named_once_on_the_front_figure():
+    def row(seed, coeff):
+        return {"config": {"seed": seed, "losses.2.coeff": coeff}, "losses": ["a"], "run": f"r{seed}{coeff}"}
+
+    rows = [row(0, 1e-5), row(1, 1e-5), row(0, 3e-4), row(1, 3e-4)]
+    assert point_labels(rows, varying(rows), rows) == ["losses.2.coeff=1e-05", None, "losses.2.coeff=0.0003", None]
+    seeds_only = [row(0, 1e-5), row(1, 1e-5)]
+    assert point_labels(seeds_only, varying(seeds_only), seeds_only) == ["seed=0", "seed=1"]
