@@ -97,10 +97,15 @@ def label(row: dict[str, Any], keys: list[str], rows: list[dict[str, Any]] | Non
     return ", ".join(parts) or Path(row["run"]).name
 
 
+def _by_seed(keys: list[str]) -> bool:
+    """Whether seeds vary beside other settings (the figure then groups each setting's seeds)."""
+    return "seed" in keys and len(keys) > 1
+
+
 def point_labels(points: list[dict[str, Any]], keys: list[str], rows: list[dict[str, Any]]) -> list[str | None]:
     """Annotation per plotted run: when seeds vary beside other settings, each setting is named once (at its
     first run, without the seed; seeds are told apart by marker shape), else every run by its varying keys."""
-    if "seed" not in keys or len(keys) == 1:
+    if not _by_seed(keys):
         return [label(r, keys, rows) for r in points]
     named: set[str] = set()
     out: list[str | None] = []
@@ -157,7 +162,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, window: float = 0.2) -> 
         fig, ax = plt.subplots(figsize=(6, 4.5))
         ys = [r["adversarial"] for r in plotted]
         # seeds of one setting sit close together: one marker shape per seed, the setting named once
-        by_seed = "seed" in keys and len(keys) > 1
+        by_seed = _by_seed(keys)
         seeds = sorted({str(r["config"].get("seed")) for r in plotted}) if by_seed else [""]
         shapes = "osD^v<>pP*" * (len(seeds) // 10 + 1)
         for seed, marker in zip(seeds, shapes, strict=False):
