@@ -35,6 +35,8 @@ class Thresholds:
     recon_rise: float = 2.0  # collapse: settled recon / best logged recon
     dense_rank_frac: float = 0.5  # too_dense: CI-L0 / rank
     always_on: float = 0.9  # ... worded as one dense mechanism when CI-L0 >= this x alive and alive <= rank
+    redundancy_max: float = 2.0  # too_dense: pieces per input / rank of the inputs sharing their firing pattern
+    redundancy_coverage: float = 0.05  # ... judged only when the repeated patterns cover this share of the inputs
     window: float = 0.2  # unconverged: last fraction of the steps
     l0_trend_max: float = 0.1  # unconverged: |relative change of CI-L0 over the window|
     adv_trend_max: float = 0.25  # unconverged: |relative change of adversarial recon over the window|
@@ -121,6 +123,7 @@ def diagnose(
     near = _modules(results, "ci_near_one/")
     l0 = _modules(results, "ci_l0/")
     alive = _modules(results, "alive/")
+    red, cover = _modules(results, "redundancy/"), _modules(results, "redundancy_coverage/")
     stoch, base = results.get("recon/stochastic_all"), results.get("recon/zero_output_baseline")
     share = stoch / base if stoch is not None and base else None
     hist_recon = [r["loss/stochastic_recon"] for r in history if isinstance(r.get("loss/stochastic_recon"), float)]
@@ -160,6 +163,14 @@ def diagnose(
                 msg = (f"{n} is too dense: CI-L0 {l0[n]:.2f} per input is >= {th.dense_rank_frac:g} x its rank "
                        f"{rank} (no sparser than the matrix itself); {knob_low}")  # fmt: skip
             out.append(Diagnostic("too_dense", msg, n, {"ci_l0": l0[n], "rank": rank, "alive": a or 0}))
+        elif red.get(n, 0.0) >= th.redundancy_max and cover.get(n, 0.0) >= th.redundancy_coverage:
+            pl0, prank = results.get(f"redundancy_l0/{n}", 0.0), results.get(f"redundancy_rank/{n}", 0.0)
+            msg = (f"{n} is too dense: on the {cover[n]:.1%} of inputs whose firing pattern repeats, {pl0:.1f} "
+                   f"{pieces} fire per input while those inputs to the matrix span rank {prank:.2f} (99% energy): "
+                   f"{red[n]:.1f} {pieces} do the work of one (a mechanism spread over several, or {pieces} shared "
+                   f"across mechanisms); {knob_low}")  # fmt: skip
+            nums = {"redundancy": red[n], "coverage": cover[n], "pattern_l0": pl0, "pattern_rank": prank}
+            out.append(Diagnostic("too_dense", msg, n, nums))
         if n in alive and alive[n] == 0:
             out.append(Diagnostic(
                 "dead", f"all {C} {pieces} of {n} are dead (never {on} on the eval data); {knob_high}",

@@ -13,6 +13,7 @@ from spd.lm_metrics import LMTally, summarise, token_ids
 from spd.losses import DIVERGENCES, faithfulness_per_module, masked_recon_loss
 from spd.masks import delta_masks, make_masks
 from spd.model import ComponentModel
+from spd.redundancy import PatternTally
 from spd.task import BatchSampler, to_device
 
 EVAL_SEED_OFFSET = 1_000_003  # eval batches use their own generator, so evals never disturb training RNG
@@ -41,14 +42,18 @@ def batch_metrics(
     mask_gen: torch.Generator,
     full: bool = True,
     lm: list[LMTally] | None = None,
+    patterns: PatternTally | None = None,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Reconstruction under every mask kind (only stochastic and adversarial unless `full`) and CI-L0 on one
     batch; returns the metrics and the lower CIs. With `lm` (x holds token ids), the batch's per-position KL and
-    next-token CE under each all-module mask kind are appended to it as an LMTally."""
+    next-token CE under each all-module mask kind are appended to it as an LMTally; with `patterns`, the batch's
+    firing patterns and module inputs are added to it."""
     div = DIVERGENCES[output_loss]
     clean = model.clean_pass(x)
     target_out = clean.output
     ci = model.importances(x, clean).lower
+    if patterns is not None:
+        patterns.add(clean.acts, ci)
     tally = LMTally(token_ids(x), target_out) if lm is not None else None
     row: dict[str, float] = {}
 
@@ -109,7 +114,8 @@ def evaluate(
     causal_lm: bool = False,
 ) -> dict[str, Any]:
     """Faithfulness, CI-L0, alive counts, reconstruction under every mask kind (adversarial included, its
-    budget in the key), how decisive the CIs are, and ground-truth scores; for a causal LM (inputs are token ids)
+    budget in the key), how decisive the CIs are, firing-pattern redundancy (`spd.redundancy`: redundancy/...,
+    redundancy_coverage/..., ...), and ground-truth scores; for a causal LM (inputs are token ids)
     also the `spd.lm_metrics` keys (lm/...), with CI-L0 counted per token."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)  # data (CPU)
@@ -117,9 +123,10 @@ def evaluate(
     sums: dict[str, float] = {}
     data_ci = []
     tallies: list[LMTally] | None = [] if causal_lm else None
+    patterns = PatternTally(cfg.ci_threshold)
     for _ in range(cfg.n_batches):
         x = to_device(sample_batch(cfg.batch_size, gen), device)
-        row, ci = batch_metrics(model, x, cfg, output_loss, mask_gen, lm=tallies)
+        row, ci = batch_metrics(model, x, cfg, output_loss, mask_gen, lm=tallies, patterns=patterns)
         data_ci.append(ci)
         for k, v in row.items():  # means over batches; check/ values are maxima
             sums[k] = max(sums.get(k, 0.0), v) if k.startswith("check/") else sums.get(k, 0.0) + v / cfg.n_batches
@@ -136,6 +143,8 @@ def evaluate(
     for n, (hi, firing) in near.items():
         out[f"ci_near_one/{n}"] = hi / firing if firing else 0.0  # share of firing CIs that are >= 0.9
         out[f"ci_firing/{n}"] = firing
+    for n, red in patterns.summary().items():  # spd.redundancy: pieces doing one's work on repeated patterns
+        out |= {f"redundancy{'' if k == 'redundancy' else '_' + k}/{n}": v for k, v in red.items()}
     for n, (mse, rel) in faithfulness_per_module(model).items():
         out[f"faithfulness/{n}"], out[f"faithfulness_rel/{n}"] = mse, rel
     for n, v in alive_counts(data_ci, cfg.ci_threshold, cfg.alive_min_density).items():

@@ -72,6 +72,21 @@ def test_too_dense_dead_and_capacity():
     assert kinds(d) == ["capacity"] and "rerun with a larger C" in d[0].message
 
 
+def test_too_dense_by_firing_pattern_redundancy():
+    # ResidMLP 1 at 1/30 of its coefficient: CI-L0 well below the rank, but 15 pieces per input on inputs of rank 1
+    red = {"redundancy/a": 15.0, "redundancy_coverage/a": 0.27, "redundancy_l0/a": 15.0, "redundancy_rank/a": 1.0}
+    d = diagnose(good_results(**red), history(), 100, SHAPES, 0.1)
+    assert kinds(d) == ["too_dense"] and d[0].module == "a" and d[0].numbers["redundancy"] == 15.0
+    assert "on the 27.0% of inputs whose firing pattern repeats, 15.0 subcomponents" in d[0].message
+    assert "span rank 1.00" in d[0].message and "the importance coefficient may be too low" in d[0].message
+    # silent when the repeated patterns cover too little of the data, or the pieces match the inputs' rank
+    assert diagnose(good_results(**red | {"redundancy_coverage/a": 0.01}), history(), 100, SHAPES, 0.1) == []
+    assert diagnose(good_results(**red | {"redundancy/a": 1.3}), history(), 100, SHAPES, 0.1) == []
+    # one warning per module: the L0-vs-rank rule speaks first
+    d = diagnose(good_results(**red | {"ci_l0/a": 1.5}), history(), 100, SHAPES, 0.1)
+    assert len(d) == 1 and "CI-L0 1.50" in d[0].message
+
+
 def test_apd_runs_get_apd_wording_and_no_collapse_check():
     d = diagnose(good_results(**{"alive/b": 20}), history(), 100, SHAPES, 0.1, method="apd")
     assert kinds(d) == ["capacity"] and "all 20 components of b" in d[0].message and "apd.topk" in d[0].message
@@ -124,6 +139,7 @@ def _tms(tmp_path, name, *overrides):
 def test_diagnostics_on_real_tiny_runs(tmp_path, monkeypatch):
     good = _tms(tmp_path, "good")
     assert good["gt/passed"] and good["diagnostics"] == []
+    assert good["redundancy/linear1"] == pytest.approx(1.0) and good["redundancy_coverage/linear1"] > 0.1
 
     strong = _tms(tmp_path, "x1000", "losses.2.coeff=3.0", "train.steps=1000")  # 1000x the importance coefficient
     assert {"collapse", "dead"} <= {d.split("]")[0][1:] for d in strong["diagnostics"]}, strong["diagnostics"]
