@@ -60,15 +60,18 @@ class PatternTally:
     def add(self, acts: dict[str, Tensor], ci: dict[str, Tensor]) -> None:
         """acts: each module's input (..., d_in); ci: its importances (..., C) on the same inputs."""
         for n, g in ci.items():
-            fire = (g.reshape(-1, g.shape[-1]) > self.threshold).cpu()
-            a = acts[n].reshape(-1, acts[n].shape[-1]).detach().float().cpu()
+            fire = g.reshape(-1, g.shape[-1]) > self.threshold
+            a = acts[n].reshape(-1, acts[n].shape[-1]).detach()
             if a.shape[0] != fire.shape[0]:  # a module called more than once per input: no 1:1 pairing
                 continue
             m = self.modules.setdefault(n, _Module())
             m.n_inputs += fire.shape[0]
+            # grouped on the inputs' device; only the few rows kept per repeated pattern come to the CPU
             pats, inverse, counts = torch.unique(fire, dim=0, return_inverse=True, return_counts=True)
-            groups = torch.split(a[torch.argsort(inverse, stable=True)], counts.tolist())  # rows per pattern
-            sizes, counts_l = pats.sum(-1).tolist(), counts.tolist()
+            counts_l = counts.tolist()
+            groups = torch.split(a[torch.argsort(inverse, stable=True)], counts_l)  # rows per pattern
+            pats = pats.cpu()
+            sizes = pats.sum(-1).tolist()
             for p, row in enumerate(pats.numpy()):
                 if sizes[p] == 0:
                     continue
@@ -79,8 +82,8 @@ class PatternTally:
                 m.sizes[key] = sizes[p]
                 stored = m.rows.setdefault(key, [])
                 room = int(2 * self.min_factor * sizes[p] + 8) - sum(r.shape[0] for r in stored)
-                if room > 0:
-                    stored.append(groups[p][:room])
+                if room > 0:  # a copy, so the batch's activations are not kept alive through a view
+                    stored.append(groups[p][:room].float().cpu().clone())
 
     def summary(self, max_patterns: int = 256) -> dict[str, dict[str, float]]:
         """Per module: redundancy (mean |S| / mean effective rank over judged inputs; 0 when none judged),
