@@ -1,7 +1,7 @@
 """Per-step time of a decomposition config (default TMS 5-2: C 20, batch 4096, the shipped config's losses).
 
     python benchmarks/bench_step.py [--config configs/tms_5-2.yaml] [--set k=v ...] [--steps 200]
-                                    [--modes eager compile bf16] [--device cpu|cuda]
+                                    [--modes eager compile bf16 compile_bf16] [--device cpu|cuda]
 
 Times `--steps` full training steps (data, CI, all losses, backward, AdamW) after `--warmup` steps, for each
 mode, and prints ms/step and steps/s, plus the time to import spd and to answer `spd --help`.
@@ -26,6 +26,8 @@ from spd.run import build_model
 from spd.task import build_task
 from spd.train import build_optimizer, compile_ci_function, train_step
 
+MODES = ["eager", "compile", "bf16", "compile_bf16"]  # bf16: autocast (train.bf16); compile: the CI function
+
 
 def time_mode(mode: str, steps: int, warmup: int, device: str, config: str, overrides: list[str]) -> dict[str, float]:
     cfg = load_config(config, overrides)
@@ -33,10 +35,10 @@ def time_mode(mode: str, steps: int, warmup: int, device: str, config: str, over
     model = build_model(cfg, task).to(device)
     gen = torch.Generator(device=device).manual_seed(0)
     data_gen = torch.Generator().manual_seed(0)
-    if mode == "compile":
+    if mode in ("compile", "compile_bf16"):
         compile_ci_function(model)
     opt = build_optimizer(model, cfg)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=(mode == "bf16"))
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=mode.endswith("bf16"))
 
     def step() -> None:
         x = task.sample_batch(cfg.train.batch_size, data_gen).to(device)
@@ -80,7 +82,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=None, help="config overrides (default for TMS: a short target)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "bf16"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=MODES)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     overrides = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,19 @@ def compile_ci_function(model: ComponentModel) -> None:
     nets = getattr(model.ci_fn, "nets", None)
     for net in nets.values() if nets is not None else [model.ci_fn]:
         net.compile(dynamic=False)
+
+
+def bf16_matmul_is_native(device: torch.device) -> bool | None:
+    """Whether `device` multiplies bf16 matrices in hardware (None: unknown). On a CPU that means AVX512-BF16 or
+    AMX; without them bf16 autocast runs slower than float32 (the matmuls are emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return None
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probe is None for probe in probes):  # private torch probes; absent in some versions
+        return None
+    return any(probe() for probe in probes)
 
 
 def build_optimizer(model: ComponentModel, cfg: Config) -> torch.optim.Optimizer:
@@ -164,6 +178,12 @@ def train(
     device = torch.device(tc.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"train.device is {tc.device!r} but CUDA is not available here; set train.device=cpu")
+    if tc.bf16 and bf16_matmul_is_native(device) is False:
+        warnings.warn(
+            f"train.bf16 is on but this {device.type} has no native bf16 matrix multiply (AVX512-BF16 or AMX on a "
+            "CPU); bf16 autocast is likely slower than float32 here: set train.bf16=false",
+            stacklevel=2,
+        )
     rank, main = distributed.rank(), distributed.is_main()
     seed = cfg.seed + rank * distributed.RANK_SEED_OFFSET  # data parallel: every rank its own data and masks
     data_gen = torch.Generator().manual_seed(seed)  # data is sampled on the CPU, then moved

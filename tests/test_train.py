@@ -8,7 +8,7 @@ from spd.ci import CIConfig
 from spd.config import LRConfig, WarmupConfig, load_config
 from spd.losses import DIVERGENCES, faithfulness_loss
 from spd.model import ComponentModel, ModuleSpec
-from spd.train import compile_ci_function, faithfulness_warmup, lr_at, train, train_step
+from spd.train import bf16_matmul_is_native, compile_ci_function, faithfulness_warmup, lr_at, train, train_step
 
 
 def test_lr_schedules_by_hand():
@@ -70,6 +70,18 @@ def test_bf16_autocast_step_runs(two_layer):
     model = ComponentModel(two_layer, list(cfg.decomposition.modules), cfg.decomposition.ci_fn)
     train(model, lambda b, g: torch.randn(b, 3, generator=g), cfg, progress=False)
     assert all(torch.isfinite(v).all() for v in model.trainable_state_dict().values())
+
+
+def test_bf16_on_a_cpu_without_bf16_matmul_warns(two_layer, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert bf16_matmul_is_native(torch.device("cpu")) is False
+    cfg = _tiny_cfg("mlp", bf16=True)
+    model = ComponentModel(two_layer, list(cfg.decomposition.modules), cfg.decomposition.ci_fn)
+    with pytest.warns(UserWarning, match="train.bf16=false"):
+        train(model, lambda b, g: torch.randn(b, 3, generator=g), cfg, progress=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert bf16_matmul_is_native(torch.device("cpu")) is True
 
 
 def test_compiled_ci_function_matches_eager(two_layer):
