@@ -62,10 +62,23 @@ class DecompositionConfig(BaseConfig):
 
 
 class LRConfig(BaseConfig):
+    """Linear warm-up over `warmup_frac` of the steps, then `schedule` down to `final_frac` x peak: constant (no
+    decay), linear, cosine, or wsd (warmup-stable-decay: constant, then linear over the last `decay_frac`)."""
+
     peak: float = Field(1e-3, gt=0)
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    schedule: Literal["constant", "linear", "cosine", "wsd"] = "cosine"
     warmup_frac: float = Field(0.0, ge=0, lt=1)
     final_frac: float = Field(0.0, ge=0, le=1)
+    decay_frac: float = Field(0.2, gt=0, le=1, description="wsd only: the final fraction of the steps that decays")
+
+    @model_validator(mode="after")
+    def _phases_fit(self) -> LRConfig:
+        if self.schedule == "wsd" and self.warmup_frac + self.decay_frac > 1:
+            raise ValueError(
+                f"warmup_frac ({self.warmup_frac}) + decay_frac ({self.decay_frac}) exceed 1: the wsd warm-up and "
+                "decay would overlap; lower one of them"
+            )
+        return self
 
 
 class WarmupConfig(BaseConfig):

@@ -32,12 +32,18 @@ def _short(key: str) -> str:
 
 
 def lr_at(step: int, steps: int, cfg: LRConfig) -> float:
-    """Linear warm-up from 0 over warmup_frac of the steps, then constant / linear / cosine to final_frac."""
+    """Linear warm-up from 0 over warmup_frac of the steps, then constant / linear / cosine to final_frac, or
+    wsd: constant, then linear to final_frac over the last decay_frac of the steps."""
     warmup = int(steps * cfg.warmup_frac)
     if step < warmup:
         return cfg.peak * (step + 1) / warmup
-    progress = (step - warmup) / max(steps - warmup - 1, 1)
     f = cfg.final_frac
+    if cfg.schedule == "wsd":
+        decay_start = steps - max(int(steps * cfg.decay_frac), 1)
+        if step < decay_start:
+            return cfg.peak
+        return cfg.peak * (1.0 - (1.0 - f) * (step - decay_start) / max(steps - decay_start - 1, 1))
+    progress = (step - warmup) / max(steps - warmup - 1, 1)
     if cfg.schedule == "constant":
         mult = 1.0
     elif cfg.schedule == "linear":

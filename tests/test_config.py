@@ -34,6 +34,8 @@ def test_bad_values_name_field_and_valid_choices():
         load_config(TMS, ["decomposition.modules.0.C=0"])
     with pytest.raises(ConfigError, match="target.factory.*package.module:function"):
         load_config(TMS, ["target.factory=toy_models.tms"])
+    with pytest.raises(ConfigError, match=r"train.lr: .*warmup_frac \(0.5\) \+ decay_frac \(0.6\) exceed 1"):
+        load_config(TMS, ["train.lr.schedule=wsd", "train.lr.warmup_frac=0.5", "train.lr.decay_frac=0.6"])
 
 
 def test_overrides():

@@ -23,6 +23,10 @@ def test_lr_schedules_by_hand():
     assert lr_at(0, 11, lin) == pytest.approx(2.0) and lr_at(10, 11, lin) == pytest.approx(1.0)
     assert lr_at(5, 11, lin) == pytest.approx(1.5)
     assert lr_at(7, 11, LRConfig(peak=3e-4, schedule="constant")) == 3e-4
+    # wsd: 10 steps, decay over the last 4 (steps 6-9) from the peak to final_frac; warm-up over the first 2
+    wsd = LRConfig(peak=2.0, schedule="wsd", warmup_frac=0.2, decay_frac=0.4, final_frac=0.25)
+    expected = [1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0 - 1.5 / 3, 2.0 - 3.0 / 3, 0.5]
+    assert [lr_at(i, 10, wsd) for i in range(10)] == pytest.approx(expected)
 
 
 def test_faithfulness_warmup_fits_components(cm):
