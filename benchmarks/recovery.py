@@ -21,7 +21,16 @@ import torch
 from spd.config import load_config
 from spd.run import decompose
 
-KEYS = ("mmcs/", "ml2r/", "identity_ci_error/", "dense_ci_error/", "dense_ci_entries_below/", "dense_sum_rel", "alive/")
+KEYS = (
+    "mmcs/",
+    "ml2r/",
+    "identity_ci_error/",
+    "dense_ci_error/",
+    "dense_ci_entries_below/",
+    "dense_sum_rel",
+    "alive/",
+    "neuron_contrib_corr",
+)
 
 
 def main() -> None:
