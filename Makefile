@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 ## The default test suite (offline, CPU).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 ## Full-length recovery runs (5 seeds of TMS 5-2 and 5-2+ID on the paper-level schedule).
 test-slow: $(STAMP)

@@ -66,3 +66,17 @@ def two_layer() -> TwoLayer:
 def cm(two_layer: TwoLayer) -> ComponentModel:
     torch.manual_seed(1)
     return ComponentModel(two_layer, [ModuleSpec(pattern="fc*", C=5)], CIConfig(type="mlp", hidden=[4]))
+
+
+@pytest.fixture(scope="session")
+def tms_5_2_fast(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """TMS 5-2 decomposed once per session on its reduced schedule, into a run directory, logging every 20 steps:
+    (run, results). The recovery, diagnostics and ablation tests read this one run instead of training three
+    (~90 s each on a 2-core CPU); none of them changes it (ablations edit copies of the target)."""
+    from spd.config import load_config
+    from spd.run import decompose
+    from toy_models import TOYS
+
+    toy = TOYS["tms_5-2"]
+    cfg = load_config(toy.config_path, [*toy.fast, "train.log_every=20"])
+    return decompose(cfg, tmp_path_factory.mktemp("tms_5_2_fast") / "run", progress=False)

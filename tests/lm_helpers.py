@@ -94,4 +94,16 @@ def lm_config(target: dict[str, Any], patterns: list[str], C: int = 40, steps: i
         "output_loss": "kl",
         "train": {"steps": steps, "batch_size": 16, "log_every": 10, "faithfulness_warmup": {"steps": 100}},
         "eval": {"batch_size": 32, "n_batches": 2, "adversarial": {"n_steps": 3}},
+        # `spd eval`'s honest scale runs SGLD chains on the target: small ones here (the defaults, 400 steps at
+        # batch 1024 on 8192 sequences, took ~130 s of the test suite on this tiny model)
+        "natural": {
+            "n_steps": 40,
+            "burnin": 20,
+            "draw_every": 5,
+            "batch_size": 32,
+            "n_eval": 128,
+            "eval_batch_size": 64,
+            "max_chains": 6,
+            "hessian_iters": 5,
+        },
     }

@@ -28,7 +28,6 @@ from spd.run import decompose
 from spd.units import Unit, target_units, unit_effects, zero_units
 from spd.unlearning import load_data, unlearning_study, write_study
 from tests.helpers import ROOT, tiny_tms_config
-from toy_models import TOYS
 from toy_models.data import feature_subset
 from toy_models.nets import TMS
 from toy_models.tms import metrics as tms_metrics
@@ -267,15 +266,14 @@ def test_spd_ablate_writes_report_and_edited_model(tmp_path, capsys, monkeypatch
 
 
 # ---- end to end: decomposition -> grouping -> forget one feature ----------------------------------------
-def test_forgetting_each_feature_of_a_decomposed_tms():
+def test_forgetting_each_feature_of_a_decomposed_tms(tms_5_2_fast):
     """TMS 5-2 on the reduced schedule: for every feature, the data choose exactly its mechanism and ablating it
     takes the forget loss to >= 90% of zero-ablation. The retain loss rises by 3-8%: each learned piece reads the
     other features' inputs a little (MMCS 0.999 leaves ~4% off-axis weight), and TMS 5-2's retain loss is tiny
     (1.3e-3), so that is checked at 10%, not at the 1% that TMS 40-10 and ResidMLP 1 are held to."""
     from toy_models.unlearning import feature_study
 
-    cfg = load_config(TOYS["tms_5-2"].config_path, TOYS["tms_5-2"].fast)
-    run, _ = decompose(cfg, None, progress=False)
+    run, _ = tms_5_2_fast  # the session's run of TMS 5-2 on its reduced schedule (conftest)
     grouping = group_model(run.model, run.task.sample_batch, n_samples=8192, restarts=1)["mdl"]
     res = feature_study(run, grouping, n_forget=1024, n_retain=2048)
     s = res["summary"]

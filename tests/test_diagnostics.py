@@ -136,8 +136,8 @@ def _tms(tmp_path, name, *overrides):
     return decompose(cfg, tmp_path / name, progress=False)[1]
 
 
-def test_diagnostics_on_real_tiny_runs(tmp_path, monkeypatch):
-    good = _tms(tmp_path, "good")
+def test_diagnostics_on_real_tiny_runs(tmp_path, monkeypatch, tms_5_2_fast):
+    good = tms_5_2_fast[1]  # the session's run of the reduced schedule (conftest), logged every 20 steps
     assert good["gt/passed"] and good["diagnostics"] == []
     assert good["redundancy/linear1"] == pytest.approx(1.0) and good["redundancy_coverage/linear1"] > 0.1
 

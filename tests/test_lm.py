@@ -189,6 +189,11 @@ def test_transformers_model_decomposes_end_to_end(assets, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     _assert_lm_results(out)
     assert out["target/kind"] == "causal_lm"
+    hs = out["honest_scale"]  # in the LM's own loss, with the natural (SGLD) degradation at the same loss
+    assert set(hs["rows"]) == {"CI-masked", "rounded-CI-masked", "stochastic-masked"}
+    for row in hs["rows"].values():
+        assert row["gap"] == pytest.approx(row["loss"] - hs["target_loss"])
+        assert "natural_nbeta" in row or "natural_note" in row, row
 
 
 def test_reload_refuses_changed_weight_files(assets, tmp_path):
