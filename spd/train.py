@@ -38,15 +38,15 @@ def lr_at(step: int, steps: int, cfg: LRConfig) -> float:
     if step < warmup:
         return cfg.peak * (step + 1) / warmup
     f = cfg.final_frac
+    start = warmup  # where the decay starts: after the warm-up, or (wsd) for the last decay_frac of the steps
     if cfg.schedule == "wsd":
-        decay_start = steps - max(int(steps * cfg.decay_frac), 1)
-        if step < decay_start:
+        start = steps - max(int(steps * cfg.decay_frac), 1)
+        if step < start:
             return cfg.peak
-        return cfg.peak * (1.0 - (1.0 - f) * (step - decay_start) / max(steps - decay_start - 1, 1))
-    progress = (step - warmup) / max(steps - warmup - 1, 1)
+    progress = (step - start) / max(steps - start - 1, 1)
     if cfg.schedule == "constant":
         mult = 1.0
-    elif cfg.schedule == "linear":
+    elif cfg.schedule in ("linear", "wsd"):
         mult = 1.0 - (1.0 - f) * progress
     else:
         mult = f + (1.0 - f) * 0.5 * (1.0 + math.cos(math.pi * progress))
