@@ -4,7 +4,9 @@
                                     [--modes eager compile bf16 compile_bf16] [--device cpu|cuda]
 
 Times `--steps` full training steps (data, CI, all losses, backward, AdamW) after `--warmup` steps, for each
-mode, and prints ms/step and steps/s, plus the time to import spd and to answer `spd --help`.
+mode, and prints ms/step and steps/s, plus the time to import spd and to answer `spd --help`. With `--rounds R`
+every variant is timed R times, interleaved, and the median is reported (`--reuse both` adds each mode without
+the clean-pass reuse of `spd.reuse`, for before/after figures on one loaded host).
 Yardsticks (the public reference implementation, same configs): TMS 5-2 31 ms/step fp32 and 143 ms/step with
 its default bf16 autocast on a 2-core CPU, 16.6 ms/step on an H100; ResidMLP 1 220 ms/step fp32 and 3.2 s/step
 bf16 on the 2-core CPU, 18 ms/step on an H100.
@@ -15,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -29,10 +33,12 @@ from spd.train import build_optimizer, compile_ci_function, train_step
 MODES = ["eager", "compile", "bf16", "compile_bf16"]  # bf16: autocast (train.bf16); compile: the CI function
 
 
-def time_mode(mode: str, steps: int, warmup: int, device: str, config: str, overrides: list[str]) -> dict[str, float]:
+def make_step(mode: str, device: str, config: str, overrides: list[str], reuse: bool = True) -> Callable[[], None]:
+    """One full training step of `config` in `mode` (reuse: masked passes take clean outputs, the default)."""
     cfg = load_config(config, overrides)
     task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed)
     model = build_model(cfg, task).to(device)
+    model.reuse_clean = reuse
     gen = torch.Generator(device=device).manual_seed(0)
     data_gen = torch.Generator().manual_seed(0)
     if mode in ("compile", "compile_bf16"):
@@ -47,24 +53,37 @@ def time_mode(mode: str, steps: int, warmup: int, device: str, config: str, over
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-
-    def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
+    return step
+
+
+def timed(step: Callable[[], None], n: int) -> float:
     t0 = time.perf_counter()
-    step()
-    sync()
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
+    for _ in range(n):
         step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    ms = (time.perf_counter() - t0) / steps * 1e3
-    return {"ms_per_step": round(ms, 2), "steps_per_s": round(1e3 / ms, 1), "first_step_s": round(first, 2)}
+    return time.perf_counter() - t0
+
+
+def time_variants(variants: dict[str, Callable[[], None]], steps: int, warmup: int, rounds: int
+                  ) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Time every variant `rounds` times, interleaved (so a change in the host's load hits all of them alike),
+    `steps` steps each after `warmup`; report the median round."""
+    first = {k: timed(step, 1) for k, step in variants.items()}
+    for step in variants.values():
+        timed(step, warmup)
+    per_round: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, step in variants.items():
+            per_round[k].append(timed(step, steps) / steps * 1e3)
+    out = {}
+    for k, ms in per_round.items():
+        med = statistics.median(ms)
+        out[k] = {"ms_per_step": round(med, 2), "steps_per_s": round(1e3 / med, 1), "first_step_s": round(first[k], 2)}
+        if rounds > 1:
+            out[k]["ms_per_round"] = [round(m, 2) for m in ms]
+    return out
 
 
 def cli_times() -> dict[str, float]:
@@ -84,6 +103,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=MODES)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rounds", type=int, default=1, help="time each variant this many times, interleaved; median")
+    p.add_argument("--reuse", choices=["on", "off", "both"], default="on",
+                   help="masked passes take the outputs of modules before the first replaced one from the clean "
+                   "pass (on, the default), recompute them (off), or time both ('MODE/noreuse')")  # fmt: skip
     args = p.parse_args()
     overrides = (
         args.set if args.set is not None else (["target.kwargs.train_steps=2000"] if "tms" in args.config else [])
@@ -96,9 +119,12 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+    variants = {}
     for mode in args.modes:
-        out[mode] = time_mode(mode, args.steps, args.warmup, args.device, args.config, overrides)
-        print(mode, out[mode], flush=True)
+        for reuse in {"on": [True], "off": [False], "both": [True, False]}[args.reuse]:
+            key = mode if reuse else f"{mode}/noreuse"
+            variants[key] = make_step(mode, args.device, args.config, overrides, reuse)
+    out |= time_variants(variants, args.steps, args.warmup, args.rounds)
     out |= cli_times()
     print(json.dumps(out, indent=2))
 

@@ -18,7 +18,7 @@ uniformly random k-subset of modules per position (drawn once, then held fixed w
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -111,7 +111,7 @@ def attack(
     attack_clean = None
     if clean is not None:
         inner = None if clean.inner is None else {k: v.detach() for k, v in clean.inner.items()}
-        attack_clean = CleanPass(clean.output, clean.acts, clean.outs, inner)
+        attack_clean = replace(clean, inner=inner)
     any_g = next(iter(ci_lower.values()))
     batch_shape = any_g.shape[:-1]
     routes = subset_routes(names, batch_shape, generator, any_g.device) if routing == "subset" else None

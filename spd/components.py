@@ -121,13 +121,16 @@ class Components(nn.Module):
         clean_out: Float[Tensor, "... d_out"] | None = None,
     ) -> Float[Tensor, "... d_out"]:
         """Masked forward. `inner` (= x @ V) and `clean_out` (the target module's own output on this x) are
-        shortcuts when x is the clean input: with them the delta term needs no matmul, because
-        (h*m) @ U + dm * x @ (W - V @ U) = dm * (x @ W) + (h * (m - dm)) @ U."""
+        shortcuts when x is the clean input. The delta term never builds the delta matrix:
+        (h*m) @ U + dm * x @ (W - V @ U) = dm * (x @ W) + (h * (m - dm)) @ U, so it costs the target's own
+        matmul (none, given `clean_out`) and no gradient through a (d_in, d_out) matrix."""
         h = self.inner(x) if inner is None else inner
         b = self.bias
         if mask is not None and self.rank > 1:
             mask = self.expand(mask)
-        if delta_mask is not None and clean_out is not None:
+        if delta_mask is not None:
+            if clean_out is None:
+                clean_out = self.target_forward(x)
             dm = delta_mask[..., None]
             m = 1.0 - dm if mask is None else mask - dm
             out = (h * m) @ self.U + dm * clean_out  # clean_out includes the bias once, scaled by dm
@@ -135,11 +138,12 @@ class Components(nn.Module):
         if mask is not None:
             h = h * mask
         out = h @ self.U
-        if delta_mask is not None:
-            d = self.delta()
-            d_out = d[x] if self.kind == "embedding" else x @ d
-            out = out + delta_mask[..., None] * d_out
         return out if b is None else out + b
+
+    def target_forward(self, x: Tensor) -> Tensor:
+        """The target module's own output on x (its class's forward: a masked pass shadows the instance's)."""
+        m = self.target_module
+        return type(m).forward(m, x)
 
 
 class TransposedComponents(Components):

@@ -50,6 +50,7 @@ def batch_metrics(
     firing patterns and module inputs are added to it."""
     div = DIVERGENCES[output_loss]
     clean = model.clean_pass(x)
+    clean.inner = model.inner_acts(clean.acts)  # masked passes below start from the clean pass (`spd.reuse`)
     target_out = clean.output
     ci = model.importances(x, clean).lower
     if patterns is not None:
@@ -58,7 +59,7 @@ def batch_metrics(
     row: dict[str, float] = {}
 
     def all_modules(kind: str, masks: dict[str, torch.Tensor], dm: dict[str, torch.Tensor] | None = None) -> float:
-        out = model(x, masks, dm)
+        out = model(x, masks, dm, clean=clean)
         if tally is not None:
             tally.add(kind, out)
         return div(out, target_out).item()
@@ -72,12 +73,14 @@ def batch_metrics(
     stoch = make_masks(ci, "stochastic", generator=mask_gen)
     dm = delta_masks(ci, mask_gen) if model.delta_component else None
     row["recon/stochastic_all"] = all_modules("stochastic", stoch, dm)
-    row["recon/stochastic_layerwise"] = masked_recon_loss(model, x, target_out, stoch, "layerwise", div, dm).item()
+    row["recon/stochastic_layerwise"] = masked_recon_loss(
+        model, x, target_out, stoch, "layerwise", div, dm, clean=clean
+    ).item()
     budget = adversarial_budget(cfg)
     if budget.n_steps > 0:
         for routing in cfg.adversarial.routings:
             adv_div = tally.recording(div) if tally is not None and routing == "all" else div
-            loss = attack(model, x, target_out, ci, routing, adv_div, budget, mask_gen)
+            loss = attack(model, x, target_out, ci, routing, adv_div, budget, mask_gen, clean)
             row[f"recon/adversarial_{routing}@{budget.label}"] = loss.item()
             if adv_div is not div and tally is not None and tally.last is not None:
                 tally.add("adversarial", tally.last)

@@ -2,7 +2,8 @@
 
 The target is never modified. During a masked forward, each decomposed module's `forward` is shadowed by an
 instance attribute inside a context manager and restored in `finally`, so the target runs its own code
-everywhere else (and the original matmul is not computed for replaced modules).
+everywhere else. Given the clean pass, a masked pass takes whatever runs before its first replaced module from it
+instead of recomputing it (`spd.reuse`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from spd.base_config import BaseConfig
 from spd.ci import CIConfig, _key, build_ci_function
 from spd.components import SUPPORTED, Components, TransposedComponents, module_kind
 from spd.names import hook_aliases, target_modules
+from spd.reuse import Kept, keep, prefix_modules, tensor_inputs_versions
 from spd.sigmoids import SIGMOIDS, SigmoidType
 
 
@@ -36,14 +38,22 @@ class ModuleSpec(BaseConfig):
 class CleanPass:
     """One clean target pass, kept so masked passes can skip work whose input is unchanged.
 
-    acts: input of every decomposed module (its last call); outs: output of each module called exactly once;
-    inner: acts @ V per module (set by the training step, with gradients, so masked passes reuse it).
+    acts: input of every decomposed module (its last call);
+    inner: acts @ V per module (set by the training step, with gradients, so masked passes reuse it);
+    kept: the output of each decomposed module called exactly once (by name), and prefix: of each prefix module
+    (by raw module name), where reusable (`spd.reuse`), for masked passes to take instead of recomputing.
     """
 
     output: Tensor
     acts: dict[str, Tensor]
-    outs: dict[str, Tensor]
     inner: dict[str, Tensor] | None = None
+    kept: dict[str, Kept] = field(default_factory=dict)
+    prefix: dict[str, Kept] = field(default_factory=dict)
+
+    def out(self, name: str) -> Tensor | None:
+        """The clean output of decomposed module `name`, if it was called once and is unchanged since."""
+        kept = self.kept.get(name)
+        return kept.out if kept is not None and kept.valid() else None
 
 
 @dataclass(frozen=True)
@@ -156,6 +166,10 @@ class ComponentModel(nn.Module):
         self.ci_fn = build_ci_function(specs, ci_fn) if ci_fn is not None else None
         self.lower_sigmoid, self.upper_sigmoid = SIGMOIDS[sigmoid]
         self.delta_component = delta_component
+        # Masked passes given the clean pass take the outputs of modules that run before the first replaced one
+        # from it (`spd.reuse`); False recomputes everything (same results; for tests and benchmarks).
+        self.reuse_clean = True
+        self._prefix_modules = prefix_modules(target, list(self._target_modules.values()))
 
     # ---- access -------------------------------------------------------------------------------------
     def comp(self, name: str) -> Components:
@@ -175,11 +189,15 @@ class ComponentModel(nn.Module):
 
     # ---- patching -----------------------------------------------------------------------------------
     @contextmanager
-    def _patched(self, fns: dict[str, Callable[..., Tensor]]) -> Iterator[None]:
+    def _patched(
+        self, fns: dict[str, Callable[..., Any]], modules: dict[str, nn.Module] | None = None
+    ) -> Iterator[None]:
+        """Shadow the forward of `modules[name]` (default: the decomposed modules) by `fns[name]`."""
+        modules = self._target_modules if modules is None else modules
         patched: list[nn.Module] = []
         try:
             for name, fn in fns.items():
-                m = self._target_modules[name]
+                m = modules[name]
                 object.__setattr__(m, "forward", fn)
                 patched.append(m)
             yield
@@ -197,24 +215,39 @@ class ComponentModel(nn.Module):
         return clean.output, clean.acts
 
     def clean_pass(self, x: Any) -> CleanPass:
-        """Clean target pass recording each decomposed module's input and (if called once) output."""
+        """Clean target pass recording each decomposed module's input and (if called once) output, and the
+        reusable outputs of the prefix modules (`spd.reuse`)."""
         acts: dict[str, Tensor] = {}
-        outs: dict[str, Tensor] = {}
+        kept: dict[str, Kept | None] = {}
         calls: dict[str, int] = {}
 
-        def record(name: str) -> Callable[..., Tensor]:
-            orig = self._target_modules[name].forward
+        def record(name: str, modules: dict[str, nn.Module], decomposed: bool) -> Callable[..., Any]:
+            orig = modules[name].forward
 
-            def fn(inp: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-                out = orig(inp, *args, **kwargs)
-                acts[name], outs[name], calls[name] = inp, out, calls.get(name, 0) + 1
+            def fn(*args: Any, **kwargs: Any) -> Any:
+                before = tensor_inputs_versions(args)
+                out = orig(*args, **kwargs)
+                calls[name] = calls.get(name, 0) + 1
+                kept[name] = keep(out, args, before)
+                if decomposed:
+                    acts[name] = args[0]
                 return out
 
             return fn
 
-        with self._patched({n: record(n) for n in self.module_names}):
+        prefix = self._prefix_modules
+        with (
+            self._patched({n: record(n, self._target_modules, True) for n in self.module_names}),
+            self._patched({n: record(n, prefix, False) for n in prefix}, prefix),
+        ):
             output = output_tensor(self._call_target(x))
-        return CleanPass(output, acts, {n: o for n, o in outs.items() if calls[n] == 1})
+        once = {n for n, k in calls.items() if k == 1}
+        return CleanPass(
+            output,
+            acts,
+            kept={n: k for n in self.module_names if n in once and (k := kept[n]) is not None and k.valid()},
+            prefix={n: k for n in prefix if n in once and (k := kept[n]) is not None and k.valid()},
+        )
 
     def forward(
         self,
@@ -240,6 +273,10 @@ class ComponentModel(nn.Module):
         delta_masks = delta_masks or {}
         routes = routes or {}
         state = {"replaced_ran": False}
+        reuse = clean is not None and self.reuse_clean
+
+        def reused(kept: Kept | None) -> bool:
+            return reuse and not state["replaced_ran"] and kept is not None and kept.valid()
 
         def wrapped(name: str) -> Callable[..., Tensor]:
             orig = self._target_modules[name].forward
@@ -250,10 +287,10 @@ class ComponentModel(nn.Module):
                 if cache is not None:
                     cache[name] = inp
                 if mask is None:
-                    return orig(inp, *args, **kwargs)
+                    kept = None if clean is None else clean.kept.get(name)
+                    return kept.out if reused(kept) else orig(inp, *args, **kwargs)
                 inner = clean_out = None
-                if clean is not None and not state["replaced_ran"] and name in clean.outs:
-                    clean_out = clean.outs[name]
+                if clean is not None and not state["replaced_ran"] and (clean_out := clean.out(name)) is not None:
                     inner = None if clean.inner is None else clean.inner.get(name)
                 state["replaced_ran"] = True
                 out = comp(inp, mask, delta_masks.get(name), inner, clean_out)
@@ -264,8 +301,18 @@ class ComponentModel(nn.Module):
 
             return fn
 
-        names = self.module_names if cache is not None else list(masks)
-        with self._patched({n: wrapped(n) for n in names}):
+        def from_clean(name: str) -> Callable[..., Any]:
+            orig = self._prefix_modules[name].forward
+            kept = clean.prefix[name]  # type: ignore[union-attr]
+
+            def fn(*args: Any, **kwargs: Any) -> Any:
+                return kept.out if reused(kept) else orig(*args, **kwargs)
+
+            return fn
+
+        names = self.module_names if cache is not None or reuse else list(masks)
+        prefix = {n: from_clean(n) for n in clean.prefix} if reuse else {}  # type: ignore[union-attr]
+        with self._patched({n: wrapped(n) for n in names}), self._patched(prefix, self._prefix_modules):
             return output_tensor(self._call_target(x))
 
     # ---- causal importances -------------------------------------------------------------------------

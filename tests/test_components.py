@@ -33,6 +33,17 @@ def test_linear_like_masked_forward_and_delta(make):
     mask = torch.rand(5, 6)
     expected = torch.stack([x[b] @ (c.V * mask[b]) @ c.U for b in range(5)]) + m.bias
     assert torch.allclose(c(x, mask), expected, atol=1e-6)
+    # a partial delta: per example the masked weight plus dm times the delta matrix W - V U (built here, never in
+    # the forward), and its gradients match those of that formula
+    dm = torch.rand(5)
+    W = target_weight_io(m).detach()
+    expected = torch.stack([x[b] @ ((c.V * mask[b]) @ c.U + dm[b] * (W - c.V @ c.U)) for b in range(5)]) + m.bias
+    got = c(x, mask, delta_mask=dm)
+    assert torch.allclose(got, expected, atol=1e-5)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad((got * g).sum(), [c.V, c.U])
+    want = torch.autograd.grad((expected * g).sum(), [c.V, c.U])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, want, strict=True))
 
 
 def test_subcomponents_sum_to_weight():

@@ -132,4 +132,79 @@ def test_clean_pass_shortcut_changes_nothing(two_layer, target, routing):
     assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-7)
     assert len(g0) == len(g1) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g0, g1, strict=True))
     if target == "twice":
-        assert "fc" not in clean.outs  # called twice: no output shortcut
+        assert "fc" not in clean.kept  # called twice: no output shortcut
+
+
+class Counting(nn.Module):
+    """x @ W for a fixed W, counting its calls (an embedding-like prefix module with no decomposed weights)."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.register_buffer("W", torch.randn(d_in, d_out))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x @ self.W
+
+
+class PrefixNet(nn.Module):
+    """embed (not decomposed) -> [optional in-place ReLU module] -> fc1 -> ReLU -> fc2 -> [in-place add] -> fc3."""
+
+    def __init__(self, inplace: str = "none") -> None:
+        super().__init__()
+        self.embed = Counting(3, 5)
+        self.act = nn.ReLU(inplace=True) if inplace == "module" else nn.Identity()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(5, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.embed(x))
+        h = self.fc2(torch.relu(self.fc1(h)))
+        if self.inplace == "output":
+            h.add_(0.5)  # modifies fc2's output, which a later pass must not take as fc2's clean output
+        return self.fc3(h)
+
+
+@pytest.mark.parametrize("inplace", ["none", "module", "output"])
+@pytest.mark.parametrize("routing", ["all", "layerwise", "subset"])
+def test_prefix_reuse_skips_work_and_changes_nothing(inplace, routing):
+    """Masked passes given the clean pass take the embedding's output (and, layerwise, the unreplaced modules'
+    outputs) from it: the loss and gradients equal full recomputation, and the embedding runs only in the clean
+    pass. In-place code (an inplace ReLU module on the embedding's output, an in-place add on a decomposed
+    module's output) makes those outputs unusable, and then they are recomputed, with the same results."""
+    from spd.losses import mse, stochastic_recon_loss
+
+    torch.manual_seed(0)
+    net = PrefixNet(inplace)
+    model = ComponentModel(net, [ModuleSpec(pattern="fc*", C=4)], CIConfig(type="mlp", hidden=[4]))
+    assert set(model._prefix_modules) == {"embed", "act"}
+    with torch.no_grad():
+        for c in model.components.values():
+            c.V.mul_(1.3)
+    x = torch.randn(16, 3)
+    passes = {"all": 1, "layerwise": 3, "subset": 1}[routing]
+    results = []
+    for reuse in (False, True):
+        model.reuse_clean = reuse
+        model.zero_grad()
+        with torch.no_grad():
+            clean = model.clean_pass(x)
+        clean.inner = model.inner_acts(clean.acts)
+        ci = model.ci_from_acts(clean.acts, clean.inner)
+        net.embed.calls = 0
+        gen = torch.Generator().manual_seed(3)
+        loss = stochastic_recon_loss(model, x, clean.output, ci.lower, routing, mse, generator=gen, clean=clean)
+        loss.backward()
+        expected_calls = passes if (not reuse or inplace == "module") else 0
+        assert net.embed.calls == expected_calls, (reuse, net.embed.calls)
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    if inplace == "none":
+        assert set(clean.prefix) == {"embed", "act"} and set(clean.kept) == {"fc1", "fc2", "fc3"}
+    if inplace == "module":
+        assert clean.prefix == {}  # the ReLU changed the embedding's output, its own input, in place
+    if inplace == "output":
+        assert clean.out("fc2") is None and clean.out("fc1") is not None
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-7)
+    assert len(g0) == len(g1) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g0, g1, strict=True))

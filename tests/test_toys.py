@@ -104,6 +104,12 @@ def test_resid_mlp_shapes_labels_and_embedding():
         assert torch.allclose(m.W_E.norm(dim=1), torch.ones(nf))
     x = torch.tensor([[-0.5, 0.0, 0.25]])
     assert torch.equal(labels(x), torch.tensor([[-0.5, 0.0, 0.5]]))
+    # state dicts saved before the embedding became a module (W_E at the top level) still load
+    legacy = {("W_E" if k == "embed.W_E" else k): v for k, v in m.state_dict().items()}
+    assert "W_E" in legacy
+    fresh = init_resid_mlp(3, seed=1, d_embed=64)
+    fresh.load_state_dict(legacy)
+    assert torch.equal(fresh.W_E, m.W_E)
 
 
 def test_neuron_contributions_hand_computed():
