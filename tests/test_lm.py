@@ -502,3 +502,67 @@ def copy_of(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bridge"])
+def test_masked_passes_reusing_the_clean_pass_match_recomputation_on_real_lms(kind, monkeypatch):
+    """On a transformers Llama and a TransformerLens bridge, masked passes that take the blocks, norms, hook points
+    and unreplaced matrices before their first replaced module from the clean pass (`spd.reuse`) give exactly the
+    loss and gradients of recomputing everything (all and layerwise routing, KL, delta component)."""
+    from spd.ci import CIConfig
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        target = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=SEQ, tie_word_embeddings=False,
+                attn_implementation="eager",
+            )
+        )  # fmt: skip
+        patterns = ["model.layers.1.mlp.*", "model.layers.2.self_attn.[qkvo]_proj"]
+        x = {"input_ids": torch.randint(0, VOCAB, (4, SEQ))}
+        expected_prefix = {"model.embed_tokens", "model.layers.0", "model.layers.1.self_attn", "lm_head"}
+    else:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        target = TransformerBridge.boot_native(dict(TL_CONFIG))
+        patterns = ["blocks.1.attn.[qkvo]", "blocks.1.mlp.in"]
+        x = torch.randint(0, VOCAB, (4, SEQ))
+        expected_prefix = {"embed", "blocks.0"}
+    model = ComponentModel(target, [ModuleSpec(pattern=p, C=8) for p in patterns], CIConfig(type="mlp", hidden=[4]))
+    assert expected_prefix <= set(model._prefix_modules)
+    first = model._prefix_modules["model.layers.0" if kind == "llama" else "blocks.0"]  # a whole block
+    calls = []
+    orig_forward = type(first).forward
+
+    def counting(self, *args, **kwargs):
+        calls.extend([1] if self is first else [])
+        return orig_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(first), "forward", counting)
+    n_passes = 1 + len(model.module_names)  # one all-module pass, one layerwise pass per matrix
+    results = []
+    for reuse in (False, True):
+        model.reuse_clean = reuse
+        calls.clear()
+        model.zero_grad()
+        with torch.no_grad():
+            clean = model.clean_pass(x)
+        clean.inner = model.inner_acts(clean.acts)
+        ci = model.ci_from_acts(clean.acts, clean.inner)
+        total = torch.zeros(())
+        for routing in ("all", "layerwise"):
+            gen = torch.Generator().manual_seed(3)
+            total = total + losses.stochastic_recon_loss(
+                model, x, clean.output, ci.lower, routing, losses.DIVERGENCES["kl"], generator=gen, clean=clean
+            )
+        total.backward()
+        assert len(calls) == (1 if reuse else 1 + n_passes)  # the first block runs in the clean pass only
+        results.append((total.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert expected_prefix <= set(clean.prefix)
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, rtol=1e-6, atol=0)
+    assert len(g0) == len(g1) and all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g0, g1, strict=True))
