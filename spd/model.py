@@ -275,9 +275,6 @@ class ComponentModel(nn.Module):
         state = {"replaced_ran": False}
         reuse = clean is not None and self.reuse_clean
 
-        def reused(kept: Kept | None) -> bool:
-            return reuse and not state["replaced_ran"] and kept is not None and kept.valid()
-
         def wrapped(name: str) -> Callable[..., Tensor]:
             orig = self._target_modules[name].forward
             comp = self.comp(name)
@@ -287,8 +284,8 @@ class ComponentModel(nn.Module):
                 if cache is not None:
                     cache[name] = inp
                 if mask is None:
-                    kept = None if clean is None else clean.kept.get(name)
-                    return kept.out if reused(kept) else orig(inp, *args, **kwargs)
+                    out = clean.out(name) if reuse and not state["replaced_ran"] else None  # type: ignore[union-attr]
+                    return orig(inp, *args, **kwargs) if out is None else out
                 inner = clean_out = None
                 if clean is not None and not state["replaced_ran"] and (clean_out := clean.out(name)) is not None:
                     inner = None if clean.inner is None else clean.inner.get(name)
@@ -306,7 +303,7 @@ class ComponentModel(nn.Module):
             kept = clean.prefix[name]  # type: ignore[union-attr]
 
             def fn(*args: Any, **kwargs: Any) -> Any:
-                return kept.out if reused(kept) else orig(*args, **kwargs)
+                return kept.out if not state["replaced_ran"] and kept.valid() else orig(*args, **kwargs)
 
             return fn
 

@@ -54,21 +54,27 @@ def word_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", unk_token="t0", pad_token="t0")
 
 
-def make_lm_assets(root: Path) -> dict[str, Path]:
-    """tokens.safetensors, a trained tiny Llama directory and a trained TL native state dict under `root`."""
-    from transformer_lens.model_bridge import TransformerBridge
+def tiny_llama(n_layers: int = 2) -> Any:
+    """An untrained Llama of width 32 over the test vocabulary (eager attention, untied embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    rows = progression_corpus(1024)
-    io.save_tensors(root / "tokens.safetensors", {"input_ids": rows})
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(
+    return LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=2,
             num_key_value_heads=2, max_position_embeddings=SEQ, tie_word_embeddings=False,
             attn_implementation="eager",
         )
     )  # fmt: skip
+
+
+def make_lm_assets(root: Path) -> dict[str, Path]:
+    """tokens.safetensors, a trained tiny Llama directory and a trained TL native state dict under `root`."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    rows = progression_corpus(1024)
+    io.save_tensors(root / "tokens.safetensors", {"input_ids": rows})
+    torch.manual_seed(0)
+    llama = tiny_llama()
     fit(llama, rows)
     llama.save_pretrained(root / "llama")
     word_tokenizer().save_pretrained(root / "llama")

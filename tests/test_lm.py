@@ -21,7 +21,7 @@ from spd.lm_metrics import LMTally, summarise
 from spd.model import ComponentModel, ModuleSpec, match_modules
 from spd.names import clean_name, hook_aliases, target_modules
 from spd.run import decompose, load_run
-from tests.lm_helpers import SEQ, TL_CONFIG, VOCAB, lm_config, make_lm_assets, progression_corpus
+from tests.lm_helpers import SEQ, TL_CONFIG, VOCAB, lm_config, make_lm_assets, progression_corpus, tiny_llama
 
 LM_KINDS = ("ci", "rounded", "ones", "zeros", "random", "stochastic", "adversarial")
 
@@ -513,15 +513,7 @@ def test_masked_passes_reusing_the_clean_pass_match_recomputation_on_real_lms(ki
 
     torch.manual_seed(0)
     if kind == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        target = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                num_key_value_heads=2, max_position_embeddings=SEQ, tie_word_embeddings=False,
-                attn_implementation="eager",
-            )
-        )  # fmt: skip
+        target = tiny_llama(n_layers=3)
         patterns = ["model.layers.1.mlp.*", "model.layers.2.self_attn.[qkvo]_proj"]
         x = {"input_ids": torch.randint(0, VOCAB, (4, SEQ))}
         expected_prefix = {"model.embed_tokens", "model.layers.0", "model.layers.1.self_attn", "lm_head"}
