@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, no_type_check
 
 import torch
 from jaxtyping import Float
@@ -116,12 +116,14 @@ def attack(
     batch_shape = any_g.shape[:-1]
     routes = subset_routes(names, batch_shape, generator, any_g.device) if routing == "subset" else None
 
+    @no_type_check  # a closure made per call (why unchecked: tests/conftest.py)
     def fresh(ns: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         lead = batch_shape if budget.scope == "per_example" else torch.Size([])
         s = {n: _init(torch.Size([*lead, ci_lower[n].shape[-1]]), budget.init, any_g, generator) for n in ns}
         sd = {n: _init(lead, budget.init, any_g, generator) for n in ns} if model.delta_component else None
         return s, sd
 
+    @no_type_check
     def run(g: dict[str, Tensor], s: dict[str, Tensor], sd: dict[str, Tensor] | None, c: CleanPass | None) -> Tensor:
         masks, dm = adversarial_masks(g, s, sd)
         return divergence(model(x, masks, dm, routes, clean=c), target_out)

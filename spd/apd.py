@@ -15,7 +15,7 @@ reconstruction = `hidden_acts_recon` with `mask: ci`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, no_type_check
 
 import torch
 from jaxtyping import Float
@@ -123,6 +123,7 @@ def gradient_attributions(model: APDModel, x: Any, source: str = "target", chunk
     outs: dict[str, Tensor] = {}
     acts: dict[str, Tensor] = {}
 
+    @no_type_check  # a closure made per call (why unchecked: tests/conftest.py)
     def record(name: str) -> Callable[..., Tensor]:
         orig = model._target_modules[name].forward
         comp = model.comp(name)

@@ -12,7 +12,7 @@ import fnmatch
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, no_type_check
 
 import torch
 from jaxtyping import Float
@@ -221,6 +221,7 @@ class ComponentModel(nn.Module):
         kept: dict[str, Kept | None] = {}
         calls: dict[str, int] = {}
 
+        @no_type_check  # a closure made per call (why unchecked: tests/conftest.py)
         def record(name: str, modules: dict[str, nn.Module], decomposed: bool) -> Callable[..., Any]:
             orig = modules[name].forward
 
@@ -275,6 +276,7 @@ class ComponentModel(nn.Module):
         state = {"replaced_ran": False}
         reuse = clean is not None and self.reuse_clean
 
+        @no_type_check  # a closure made per call (why unchecked: tests/conftest.py)
         def wrapped(name: str) -> Callable[..., Tensor]:
             orig = self._target_modules[name].forward
             comp = self.comp(name)
@@ -298,6 +300,7 @@ class ComponentModel(nn.Module):
 
             return fn
 
+        @no_type_check
         def from_clean(name: str) -> Callable[..., Any]:
             orig = self._prefix_modules[name].forward
             kept = clean.prefix[name]  # type: ignore[union-attr]

@@ -1,6 +1,12 @@
 """Shared fixtures. jaxtyping's import hook checks the shape annotations of spd/ at run time in tests.
 
 spd.ci is left out: its networks are torch.compile'd, and dynamo cannot trace through beartype's wrappers.
+
+The hook decorates nested functions too, and decorating costs ~1 ms (beartype compiles a checker) each time the
+enclosing function runs. Closures made on every call of a hot path (the patched forwards of every model pass) are
+therefore marked `@typing.no_type_check`, which the hook skips; they carry no shape annotations to check. Without
+that the checks made the toy end-to-end tests ~4x slower than the same runs outside pytest
+(tests/test_model.py::test_passes_build_no_checkers_per_call guards it).
 """
 
 from jaxtyping import install_import_hook

@@ -208,3 +208,42 @@ def test_prefix_reuse_skips_work_and_changes_nothing(inplace, routing):
     (l0, g0), (l1, g1) = results
     assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-7)
     assert len(g0) == len(g1) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g0, g1, strict=True))
+
+
+@pytest.mark.parametrize("method", ["spd", "apd"])
+def test_passes_build_no_checkers_per_call(method, monkeypatch):
+    """The tests' jaxtyping hook (conftest) decorates every function definition it meets, nested ones included;
+    a training step must not define checked functions on every call (each costs ~1 ms of beartype compilation),
+    so the closures that model passes create per call are marked no_type_check."""
+    import jaxtyping
+    from helpers import tiny_tms_config
+
+    from spd.config import load_config
+    from spd.run import build_model
+    from spd.task import build_task
+    from spd.train import train_step
+
+    raw = tiny_tms_config()
+    raw["losses"] = [*raw["losses"], {"name": "pgd_recon", "coeff": 1.0, "n_steps": 2}]
+    if method == "apd":
+        raw["method"] = "apd"
+        raw["apd"] = {"topk": 1.0}
+        raw["losses"] = [{"name": "faithfulness", "coeff": 1.0}, {"name": "ci_masked_recon", "coeff": 1.0},
+                         {"name": "schatten", "coeff": 1.0, "p": 0.9}]  # fmt: skip
+        raw["decomposition"].pop("ci_fn", None)
+        raw["decomposition"]["delta_component"] = False
+    cfg = load_config(raw)
+    task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed)
+    model = build_model(cfg, task)
+    gen, data = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+
+    def step() -> None:
+        loss, _, _ = train_step(model, task.sample_batch(16, data), cfg, gen, 0.5)
+        loss.backward()
+
+    step()  # first use may import (and so decorate) lazily imported modules
+    calls = []
+    real = jaxtyping.jaxtyped
+    monkeypatch.setattr(jaxtyping, "jaxtyped", lambda *a, **k: calls.append(a) or real(*a, **k))
+    step()
+    assert calls == []
