@@ -34,6 +34,7 @@ SUMMARY_KEYS = (
     "identity_ci_error/",
     "dense_ci_error/",
     "alive/",
+    "orphaned/",
     "n_represented",
     "n_features",
     "own_component/",

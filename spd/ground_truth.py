@@ -92,6 +92,36 @@ class GroundTruth:
 
 
 # ---- pure scoring functions --------------------------------------------------------------------------
+def feature_pieces(
+    V: Float[Tensor, "d_in C"], U: Float[Tensor, "C d_out"], W: Float[Tensor, "d_in d_out"],
+    axis: Literal["in", "out"], features: list[int], rank: int = 1,
+) -> tuple[Float[Tensor, "F n d"], Float[Tensor, "F d"]]:  # fmt: skip
+    """Every subcomponent's (rank r > 1: every component's) piece of each feature's row ("in") or column ("out")
+    of W, beside that row or column of W: ((F, C / rank, d), (F, d))."""
+    if axis == "in":
+        pieces = V[features, :, None] * U[None]  # (F, C, d_out)
+        gt = W[features]  # (F, d_out)
+    else:
+        pieces = U.T[features, :, None] * V.T[None]  # (F, C, d_in)
+        gt = W[:, features].T  # (F, d_in)
+    if rank > 1:
+        pieces = pieces.unflatten(1, (-1, rank)).sum(2)
+    return pieces, gt
+
+
+def orphaned_features(
+    V: Float[Tensor, "d_in C"], U: Float[Tensor, "C d_out"], W: Float[Tensor, "d_in d_out"],
+    axis: Literal["in", "out"], features: list[int], rank: int = 1, min_ratio: float = 0.2,
+) -> list[int]:  # fmt: skip
+    """Features no (sub)component carries: every piece of the feature is under `min_ratio` of its norm in W, so
+    faithfulness has left it spread thinly over pieces that each do little (APD's failure on TMS 40-10)."""
+    if not features:
+        return []
+    pieces, gt = feature_pieces(V, U, W, axis, features, rank)
+    ratio = pieces.norm(dim=-1).amax(-1) / gt.norm(dim=-1).clamp_min(1e-12)  # (F,)
+    return [f for f, r in zip(features, ratio.tolist(), strict=True) if r < min_ratio]
+
+
 def mmcs_ml2r(
     V: Float[Tensor, "d_in C"], U: Float[Tensor, "C d_out"], W: Float[Tensor, "d_in d_out"],
     axis: Literal["in", "out"], features: list[int], rank: int = 1,
@@ -104,14 +134,7 @@ def mmcs_ml2r(
     """
     if not features:
         return float("nan"), float("nan")
-    if axis == "in":
-        pieces = V[features, :, None] * U[None]  # (F, C, d_out)
-        gt = W[features]  # (F, d_out)
-    else:
-        pieces = U.T[features, :, None] * V.T[None]  # (F, C, d_in)
-        gt = W[:, features].T  # (F, d_in)
-    if rank > 1:
-        pieces = pieces.unflatten(1, (-1, rank)).sum(2)
+    pieces, gt = feature_pieces(V, U, W, axis, features, rank)
     cos = torch.nn.functional.cosine_similarity(pieces, gt[:, None, :], dim=-1, eps=1e-12)  # (F, C)
     best = cos.argmax(-1)
     norms = pieces[torch.arange(len(features)), best].norm(dim=-1) / gt.norm(dim=-1).clamp_min(1e-12)
@@ -271,7 +294,9 @@ def score(
     for d in gt.directions:
         c = model.comp(d.module)
         with torch.no_grad():
-            mm, ml = mmcs_ml2r(c.V.cpu(), c.U.cpu(), c.target_weight().cpu(), d.axis, d.features, c.rank)
+            args = (c.V.cpu(), c.U.cpu(), c.target_weight().cpu(), d.axis, d.features, c.rank)
+            mm, ml = mmcs_ml2r(*args)
+            out[f"orphaned/{d.module}"] = len(orphaned_features(*args))
         out[f"mmcs/{d.module}"], out[f"ml2r/{d.module}"] = mm, ml
         if not mm >= crit.mmcs_min:
             failures.append(f"mmcs/{d.module} = {mm:.4f} < {crit.mmcs_min}")

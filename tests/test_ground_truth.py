@@ -8,6 +8,7 @@ from spd.ground_truth import (
     firing_density,
     identity_ci_error,
     mmcs_ml2r,
+    orphaned_features,
 )
 
 
@@ -53,6 +54,20 @@ def test_mmcs_ml2r_exact_and_scaled():
     # a single subcomponent equal to all of W is not per-feature
     mm3, _ = mmcs_ml2r(torch.ones(5, 1), W.sum(0, keepdim=True), W, "in", list(range(5)))
     assert mm3 < 0.9
+
+
+def test_orphaned_features_by_hand():
+    W = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])  # x @ W; row norms 5, 1, 2
+    V, U = torch.zeros(3, 12), torch.zeros(12, 2)
+    V[0, 0], U[0] = 1.0, W[0]  # feature 0: all in subcomponent 0
+    V[1, 1:11], U[1:11] = 0.15, W[1]  # feature 1: ten pieces of 0.15 |W_1| each
+    V[2, 11], U[11] = 1.0, torch.tensor([0.0, 1.0])  # feature 2: one piece of half of it
+    assert orphaned_features(V, U, W, "in", [0, 1, 2]) == [1]
+    assert orphaned_features(V, U, W, "in", [0, 2]) == []
+    assert orphaned_features(V, U, W, "in", [0, 1, 2], min_ratio=0.6) == [1, 2]
+    # rank 2: subcomponents (2, 3), (4, 5), ... form one component each, whose piece of feature 1 is 0.3 |W_1|
+    assert orphaned_features(V, U, W, "in", [0, 1, 2], rank=2) == []
+    assert orphaned_features(U.T, V.T, W.T, "out", [0, 1, 2]) == [1]  # the transposed problem
 
 
 def test_alive_counts():
