@@ -20,17 +20,10 @@ import torch
 
 from spd.config import load_config
 from spd.run import decompose
+from toy_models.cli import SHOWN
 
-KEYS = (
-    "mmcs/",
-    "ml2r/",
-    "identity_ci_error/",
-    "dense_ci_error/",
-    "dense_ci_entries_below/",
-    "dense_sum_rel",
-    "alive/",
-    "neuron_contrib_corr",
-)
+# the scores `spd toy` shows for every toy (TMS, ResidMLP, cyclic, induction), plus two informational ones
+KEYS = (*SHOWN, "dense_ci_entries_below/", "dense_sum_rel")
 
 
 def main() -> None:
@@ -58,6 +51,7 @@ def main() -> None:
             "train_s": round(res["train_seconds"], 1),
         }
         row |= {k: (round(v, 4) if isinstance(v, float) else v) for k, v in gt.items() if k.startswith(KEYS)}
+        row["ci_l0_total"] = round(res.get("ci_l0/total", float("nan")), 3)
         row["failures"] = gt["failures"]
         rows.append(row)
         print(json.dumps(row), flush=True)

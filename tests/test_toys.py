@@ -3,6 +3,8 @@
 import json
 import math
 import re
+import runpy
+import sys
 
 import pytest
 import torch
@@ -264,6 +266,25 @@ def test_toy_import_puts_recovery_results_into_the_table(tmp_path):
     res.write_text("[1, 2]")
     with pytest.raises(SystemExit, match="not a results file of benchmarks/recovery.py"):
         spd_main(["toy", "import", str(res), "--out", str(md)])
+
+
+def test_recovery_benchmark_rows_keep_every_toys_scores(tmp_path, monkeypatch):
+    """benchmarks/recovery.py rows carry the scores `spd toy` shows for each toy, here the induction scorer's
+    (the rows once kept only TMS / ResidMLP keys), and `spd toy import` puts them into the table."""
+    out = tmp_path / "recovery_induction.json"
+    short = ["train.steps=20", "train.faithfulness_warmup.steps=2", "train.compile=false", "eval.n_batches=1",
+             "eval.batch_size=256", "target.kwargs.train_steps=400", "target.kwargs.min_accuracy=0.0",
+             "train.batch_size=32"]  # fmt: skip
+    argv = ["recovery.py", str(ROOT / "configs" / "induction.yaml"), "--seeds", "0", "--json-out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv + [a for o in short for a in ("--set", o)])
+    runpy.run_path(str(ROOT / "benchmarks" / "recovery.py"), run_name="__main__")
+    row = json.loads(out.read_text())["runs"][0]
+    shown = {"accuracy/target", "previous_token/accuracy_ablated", "induction/accuracy_only_these", "ci_l0_total"}
+    assert shown <= row.keys(), row
+    md = tmp_path / "toy_results.md"
+    assert spd_main(["toy", "import", str(out), "--out", str(md)]) == 0
+    text = md.read_text()
+    assert "| induction/accuracy_ablated |" in text and "| ci_l0_total |" in text
 
 
 # ---- scorers end to end on short runs (plumbing; recovery itself is in test_recovery.py) --------------------

@@ -97,8 +97,9 @@ TOYS: dict[str, Toy] = {
         "cyclic.yaml",
         "one layer: 6 rank-1 feature maps and a rank-2 'next day of the week' rotation",
         "new toy (not in the papers): 6 rank-1 mechanisms and one rank-2 mechanism",
-        # seed 2 recovers on this schedule; seeds 0 and 1 need the config's 10k steps or more (toy_results.md)
-        ["seed=2", "train.steps=3000", NO_CKPT],
+        # half the config's steps: seeds 2, 3 and 4 recover, seeds 0 and 1 keep one feature probe's CI under 0.9
+        # (3000 steps: none of seeds 0-4); the config's 10k steps recover seeds 0-9 (toy_results.md)
+        ["seed=4", "train.steps=5000", NO_CKPT],
     ),
     "induction": Toy(
         "induction.yaml",

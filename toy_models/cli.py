@@ -251,6 +251,8 @@ def read_recovery(path: Path) -> tuple[str, list[dict[str, Any]], dict[str, Any]
             wall = r.get("wall_s") if r.get("wall_s") is not None else r.get("train_s")  # resumed runs: training
             row: dict[str, Any] = {"toy": name, "seed": r["seed"], "passed": r["passed"], "wall_s": wall}
             row |= _shown(r)
+            if "ci_l0_total" in r:  # written by recovery.py since 2026-12-01
+                row["ci_l0_total"] = r["ci_l0_total"]
             row["failures"] = r.get("failures", [])
             if r.get("note"):
                 row["note"] = r["note"]
