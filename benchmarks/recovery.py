@@ -20,10 +20,10 @@ import torch
 
 from spd.config import load_config
 from spd.run import decompose
-from toy_models.cli import SHOWN
+from toy_models.cli import scores_row
 
-# the scores `spd toy` shows for every toy (TMS, ResidMLP, cyclic, induction), plus two informational ones
-KEYS = (*SHOWN, "dense_ci_entries_below/", "dense_sum_rel")
+# beside the scores `spd toy` shows for every toy (TMS, ResidMLP, cyclic, induction)
+INFORMATIONAL = ("dense_ci_entries_below/", "dense_sum_rel")
 
 
 def main() -> None:
@@ -43,16 +43,13 @@ def main() -> None:
         run_dir = args.runs_dir / f"{Path(args.config).stem}-seed{seed}" if args.runs_dir else None
         _, res = decompose(cfg, run_dir, progress=False)
         wall = time.perf_counter() - t0
-        gt = {k[3:]: v for k, v in res.items() if k.startswith("gt/")}
         row = {
             "seed": seed,
-            "passed": gt["passed"],
+            "passed": res["gt/passed"],
             "wall_s": round(wall, 1),
             "train_s": round(res["train_seconds"], 1),
         }
-        row |= {k: (round(v, 4) if isinstance(v, float) else v) for k, v in gt.items() if k.startswith(KEYS)}
-        row["ci_l0_total"] = round(res.get("ci_l0/total", float("nan")), 3)
-        row["failures"] = gt["failures"]
+        row |= scores_row(res, INFORMATIONAL)
         rows.append(row)
         print(json.dumps(row), flush=True)
     machine = (

@@ -66,18 +66,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---- reproduce ---------------------------------------------------------------------------------------
-def _shown(scores: dict[str, Any]) -> dict[str, Any]:
-    """The scorer's headline keys of a run's ground-truth scores (without the `gt/` prefix), floats rounded."""
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items() if k.startswith(SHOWN)}
+def _shown(scores: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The scorer's headline keys (and `extra` ones) of a run's ground-truth scores (without the `gt/` prefix),
+    floats rounded."""
+    keys = SHOWN + extra
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items() if k.startswith(keys)}
 
 
-def _row(name: str, seed: int, results: dict[str, Any], wall: float) -> dict[str, Any]:
+def scores_row(results: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What a results-table row holds of a run's results: pass/fail, the headline scores (plus `extra` keys),
+    CI-L0 and the failures. Shared by `spd toy reproduce` and benchmarks/recovery.py."""
     gt = {k[3:]: v for k, v in results.items() if k.startswith("gt/")}
-    row: dict[str, Any] = {"toy": name, "seed": seed, "passed": gt.get("passed"), "wall_s": round(wall, 1)}
-    row |= _shown(gt)
+    row: dict[str, Any] = {"passed": gt.get("passed")} | _shown(gt, extra)
     row["ci_l0_total"] = round(results.get("ci_l0/total", float("nan")), 3)
     row["failures"] = gt.get("failures", [])
     return row
+
+
+def _row(name: str, seed: int, results: dict[str, Any], wall: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"toy": name, "seed": seed, "passed": None, "wall_s": round(wall, 1)}
+    return row | scores_row(results)  # existing keys keep their place
 
 
 def _fmt(v: Any) -> str:
