@@ -29,6 +29,7 @@ Example (TMS 5-2 on the CPU, about a minute):
 """
 
 SUMMARY_KEYS = (
+    "not_scored",
     "mmcs/",
     "ml2r/",
     "identity_ci_error/",

@@ -263,6 +263,8 @@ def mechanism_labels(
     probe_ci = probe_cis(model, gt) if probe_ci is None else probe_ci
     labels: dict[str, list[str | None]] = {n: [None] * v.shape[-1] for n, v in probe_ci.items()}
     for key, truth in gt.ci_patterns.items():
+        if not any(fnmatch.fnmatchcase(n, truth.modules or key) for n in probe_ci):
+            continue  # a matrix that was not decomposed (score() lists it under not_scored)
         rows, cols, _ = pattern_rows(probe_ci, key, truth)
         if isinstance(truth, IdentityCI):
             top, which = rows.max(0)
@@ -286,12 +288,27 @@ def score(
 ) -> dict[str, Any]:
     """Score a ComponentModel against ground truth. `data_ci`: lower CIs on batches of the data.
 
-    Returns flat metrics plus `passed` (bool) and `failures` (what missed which criterion).
+    Returns flat metrics plus `passed` (bool) and `failures` (what missed which criterion). Criteria on
+    matrices that were not decomposed are skipped and listed under `not_scored`; a decomposition that no
+    criterion applies to fails.
     """
     out: dict[str, Any] = dict(gt.info)
     failures: list[str] = []
     crit = gt.criteria
-    for d in gt.directions:
+    decomposed = list(model.module_names)
+
+    def covered(pattern: str) -> bool:
+        return any(fnmatch.fnmatchcase(n, pattern) for n in decomposed)
+
+    wanted = [d.module for d in gt.directions] + [p.modules or k for k, p in gt.ci_patterns.items()]
+    wanted += list(gt.expected_alive)
+    if not_scored := sorted({w for w in wanted if not covered(w)}):
+        # a decomposition of some of the target's matrices is scored on those, and says which it was not
+        out["not_scored"] = not_scored
+        if not any(covered(w) for w in wanted):
+            failures.append(f"no ground-truth criterion applies: {not_scored} match no decomposed module "
+                            f"(decomposed: {decomposed})")  # fmt: skip
+    for d in (d for d in gt.directions if covered(d.module)):
         c = model.comp(d.module)
         with torch.no_grad():
             args = (c.V.cpu(), c.U.cpu(), c.target_weight().cpu(), d.axis, d.features, c.rank)
@@ -306,6 +323,8 @@ def score(
     if gt.ci_patterns:
         probe_ci = probe_cis(model, gt)
         for name, pattern in gt.ci_patterns.items():
+            if not covered(pattern.modules or name):
+                continue
             rows, _, names = pattern_rows(probe_ci, name, pattern)
             err: Callable[[float], int]
             if isinstance(pattern, IdentityCI):
@@ -323,6 +342,8 @@ def score(
     alive = alive_counts(data_ci, threshold, min_density)
     ever = alive_counts(data_ci, threshold) if min_density > 0 else alive
     for name, expected in gt.expected_alive.items():
+        if not covered(name):
+            continue
         n_alive = sum(alive[n] for n in matching(list(alive), name))
         out[f"alive/{name}"] = n_alive
         if min_density > 0:  # what the density cut removed is reported, not hidden

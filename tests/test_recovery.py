@@ -1,8 +1,8 @@
 """End-to-end: SPD recovers every toy's ground truth.
 
 The default suite runs each toy on its reduced schedule (`TOYS[name].fast`, also `spd toy reproduce --quick`),
-some on a smaller instance of the same toy; the slow tests run the shipped configs on 5 seeds, as the
-reproduction table does (`spd toy reproduce`).
+some on a smaller instance of the same toy or on part of it (ResidMLP 1: W_in alone); the slow tests run the
+shipped configs on 5 seeds, as the reproduction table does (`spd toy reproduce`).
 """
 
 import pytest

@@ -1,3 +1,5 @@
+from typing import Any
+
 import pytest
 import torch
 
@@ -41,6 +43,16 @@ def test_hidden_identity_variant():
     assert gt.ci_patterns["hidden_layers.0"].k == 2 and gt.expected_alive["hidden_layers.0"] == 2
 
 
+def _one_subcomponent_per_feature(model: Any) -> None:
+    """Set linear1's subcomponents to W's 5 columns, one each (the rest zero): an exact decomposition."""
+    comp = model.comp("linear1")
+    with torch.no_grad():
+        comp.V.zero_()
+        comp.U.zero_()
+        comp.V[torch.arange(5), torch.arange(5)] = 1.0
+        comp.U[:5] = comp.target_weight()
+
+
 def test_scores_of_hand_built_exact_decomposition():
     """One subcomponent per feature, exactly W's columns: MMCS = ML2R = 1 on both (tied) matrices."""
     from spd.ci import CIConfig
@@ -48,18 +60,34 @@ def test_scores_of_hand_built_exact_decomposition():
 
     task = tms_task(seed=0, train_steps=2000)
     model = ComponentModel(task.target, [ModuleSpec(pattern="linear*", C=7)], CIConfig(), tied=[("linear1", "linear2")])
-    comp = model.comp("linear1")
-    with torch.no_grad():
-        comp.V.zero_()
-        comp.U.zero_()
-        comp.V[torch.arange(5), torch.arange(5)] = 1.0
-        comp.U[:5] = comp.target_weight()
+    _one_subcomponent_per_feature(model)
     assert torch.allclose(model.comp("linear2").weight(), model.comp("linear2").target_weight())
     gt = task.ground_truth
     gt.ci_patterns.clear()
     res = score(model, gt, data_ci=[{"linear1": torch.zeros(1, 7), "linear2": torch.zeros(1, 7)}])
     assert res["mmcs/linear1"] == pytest.approx(1.0) and res["ml2r/linear2"] == pytest.approx(1.0)
     assert not res["passed"] and "alive/linear1 = 0 (CI > 0.1), expected exactly 5" in res["failures"]
+
+
+def test_criteria_on_matrices_not_decomposed_are_listed_not_failed():
+    """Decomposing W alone (not W^T) is scored on W; W^T's criteria are listed under not_scored. A
+    decomposition that no criterion applies to fails instead of passing vacuously."""
+    from spd.ci import CIConfig
+    from spd.ground_truth import GroundTruth
+    from spd.model import ComponentModel, ModuleSpec
+
+    task = tms_task(seed=0, train_steps=2000)
+    model = ComponentModel(task.target, [ModuleSpec(pattern="linear1", C=7)], CIConfig())
+    _one_subcomponent_per_feature(model)
+    gt = task.ground_truth
+    gt.ci_patterns.clear()
+    five_fire = [{"linear1": torch.tensor([[1.0, 1, 1, 1, 1, 0, 0]])}]
+    res = score(model, gt, data_ci=five_fire)
+    assert res["not_scored"] == ["linear2"] and "mmcs/linear2" not in res and "alive/linear2" not in res
+    assert res["mmcs/linear1"] == pytest.approx(1.0) and res["alive/linear1"] == 5
+    assert res["passed"], res["failures"]
+    res = score(model, GroundTruth(probe_inputs=torch.eye(5), expected_alive={"hidden_layers.*": 2}), five_fire)
+    assert not res["passed"] and res["failures"][0].startswith("no ground-truth criterion applies")
 
 
 def test_tms_forward():

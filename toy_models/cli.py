@@ -32,9 +32,9 @@ from spd.task import build_task
 from toy_models import TOYS
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOWN = ("mmcs/", "ml2r/", "identity_ci_error/", "dense_ci_error/", "alive/", "neuron_contrib_", "previous_token/acc",
-         "previous_token/n_sub", "induction/n_sub",
-         "induction/acc", "accuracy/target")  # fmt: skip
+SHOWN = ("not_scored", "mmcs/", "ml2r/", "identity_ci_error/", "dense_ci_error/", "alive/", "neuron_contrib_",
+         "previous_token/acc", "previous_token/n_sub", "induction/n_sub", "induction/acc",
+         "accuracy/target")  # fmt: skip
 
 
 def _toy(name: str) -> Any:

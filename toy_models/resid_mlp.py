@@ -109,13 +109,19 @@ def decomposed_neuron_contributions(W_E: Tensor, V_in: Tensor, U_in: Tensor, W_o
 
 def neuron_contribution_check(target: ResidMLP, min_corr: float | None) -> Any:
     def check(model: Any) -> tuple[dict[str, Any], list[str]]:
+        names = set(model.module_names)
+        if any(f"layers.{i}.mlp_in" not in names for i in range(len(target.layers))):
+            return {}, []  # contributions are read from the W_in subcomponents (score() lists W_in as not_scored)
         W_E = target.W_E.cpu()
         true, spd = [], []
         with torch.no_grad():
             for i, layer in enumerate(target.layers):
-                c_in, c_out = model.comp(f"layers.{i}.mlp_in"), model.comp(f"layers.{i}.mlp_out")
+                c_in, out_name = model.comp(f"layers.{i}.mlp_in"), f"layers.{i}.mlp_out"
                 true.append(neuron_contributions(W_E, layer.mlp_in.weight.T.cpu(), layer.mlp_out.weight.T.cpu()))
-                W_out = (c_out.V @ c_out.U).cpu()
+                if out_name in names:
+                    W_out = (model.comp(out_name).V @ model.comp(out_name).U).cpu()
+                else:  # W_out not decomposed: the target's
+                    W_out = layer.mlp_out.weight.T.cpu()
                 spd.append(decomposed_neuron_contributions(W_E, c_in.V.cpu(), c_in.U.cpu(), W_out, c_in.rank))
         t, s = torch.cat(true, 1).flatten(), torch.cat(spd, 1).flatten()
         corr = torch.corrcoef(torch.stack([t, s]))[0, 1].item()
