@@ -215,6 +215,11 @@ def alive_counts(ci_batches: list[dict[str, Tensor]], threshold: float, min_dens
     return {n: int((d > min_density).sum()) for n, d in dens.items()}
 
 
+def matches_any(names: list[str], pattern: str) -> bool:
+    """Whether the glob `pattern` names at least one of `names` (a ground-truth criterion applies)."""
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
 def matching(names: list[str], pattern: str) -> list[str]:
     hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
     if not hits:
@@ -263,7 +268,7 @@ def mechanism_labels(
     probe_ci = probe_cis(model, gt) if probe_ci is None else probe_ci
     labels: dict[str, list[str | None]] = {n: [None] * v.shape[-1] for n, v in probe_ci.items()}
     for key, truth in gt.ci_patterns.items():
-        if not any(fnmatch.fnmatchcase(n, truth.modules or key) for n in probe_ci):
+        if not matches_any(list(probe_ci), truth.modules or key):
             continue  # a matrix that was not decomposed (score() lists it under not_scored)
         rows, cols, _ = pattern_rows(probe_ci, key, truth)
         if isinstance(truth, IdentityCI):
@@ -298,7 +303,7 @@ def score(
     decomposed = list(model.module_names)
 
     def covered(pattern: str) -> bool:
-        return any(fnmatch.fnmatchcase(n, pattern) for n in decomposed)
+        return matches_any(decomposed, pattern)
 
     wanted = [d.module for d in gt.directions] + [p.modules or k for k, p in gt.ci_patterns.items()]
     wanted += list(gt.expected_alive)
