@@ -302,10 +302,39 @@ def test_resid_mlp_two_layer_scores_span_layers():
              "target.kwargs.train_steps=50", "decomposition.modules.0.C=16", "decomposition.modules.1.C=16",
              "train.batch_size=64"]  # fmt: skip
     res = _short("resid_mlp2", *small)
-    for key in ("identity_ci_error/layers.*.mlp_in", "dense_ci_error/layers.*.mlp_out", "alive/layers.*.mlp_in",
-                "neuron_contrib_corr", "neuron_contrib_slope"):  # fmt: skip
+    for key in ("identity_ci_error/layers.0.mlp_in", "identity_ci_error/layers.1.mlp_in",
+                "dense_ci_error/layers.*.mlp_out", "alive/layers.0.mlp_in", "alive/layers.1.mlp_in",
+                "alive/layers.*.mlp_out", "neuron_contrib_corr", "neuron_contrib_slope"):  # fmt: skip
         assert f"gt/{key}" in res, key
-    assert 0 <= res["gt/alive/layers.*.mlp_in"] <= 32  # summed over both layers' 16 subcomponents
+    assert 0 <= res["gt/alive/layers.*.mlp_out"] <= 32  # summed over both layers' 16 subcomponents
+
+
+def test_resid_mlp_cross_layer_ground_truth_wants_every_feature_in_every_layer():
+    """SPD paper 4.3: each feature has a W_in subcomponent in every layer (the pieces form one cross-layer
+    component), W_out is one mechanism across the layers. A hand-made perfect 2-layer CI pattern passes; one
+    layer with a single piece per feature across both layers (the old reading, 100 in all) fails."""
+    from spd.ground_truth import dense_ci_error, identity_ci_error, mechanism_labels
+    from toy_models.resid_mlp import ground_truth
+
+    gt = ground_truth(init_resid_mlp(2, seed=0, d_embed=64))
+    assert gt.expected_alive == {"layers.0.mlp_in": 100, "layers.1.mlp_in": 100, "layers.*.mlp_out": 50}
+    assert set(gt.ci_patterns) == {"layers.0.mlp_in", "layers.1.mlp_in", "layers.*.mlp_out"}
+    perfect = torch.eye(100)[:, torch.randperm(100, generator=torch.Generator().manual_seed(0))]
+    assert identity_ci_error(perfect) == 0
+    half = perfect.clone()
+    half[50:] = 0.0  # features 50-99 left to the other layer: not this toy's ground truth
+    assert identity_ci_error(half) == 50
+    assert dense_ci_error(torch.ones(100, 50), 50) == 0
+
+    class Probe:  # mechanism_labels only reads probe CIs
+        pass
+
+    ci = {"layers.0.mlp_in": perfect, "layers.1.mlp_in": torch.eye(100), "layers.0.mlp_out": torch.ones(100, 25),
+          "layers.1.mlp_out": torch.ones(100, 25)}  # fmt: skip
+    labels = mechanism_labels(Probe(), gt, ci)
+    feature_7 = [n for n, ls in labels.items() for lab in ls if lab == "feature 7"]
+    assert feature_7 == ["layers.0.mlp_in", "layers.1.mlp_in"]  # one piece per layer, the same label
+    assert set(labels["layers.0.mlp_out"] + labels["layers.1.mlp_out"]) == {"W_out"}
 
 
 def test_induction_ablation_scorer_runs():

@@ -85,13 +85,15 @@ TOYS: dict[str, Toy] = {
     "resid_mlp2": Toy(
         "resid_mlp2.yaml",
         "ResidMLP, 2 layers of 25 neurons (cross-layer distributed representations)",
-        "100 W_in subcomponents across the layers; a rank-50 W_out mechanism across the layers; seed-sensitive",
+        "100 W_in components, each one subcomponent per layer; a rank-50 W_out mechanism across the layers; "
+        "seed-sensitive",
         [],
     ),
     "resid_mlp3": Toy(
         "resid_mlp3.yaml",
         "ResidMLP, 3 layers of 17 neurons",
-        "102 W_in subcomponents across the layers; a rank-51 W_out mechanism across the layers; seed-sensitive",
+        "102 W_in components, each one subcomponent per layer; a rank-51 W_out mechanism across the layers; "
+        "seed-sensitive",
         [],
     ),
     "cyclic": Toy(
