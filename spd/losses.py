@@ -286,6 +286,11 @@ class ImportanceMinimalityConfig(_LossBase):
     p_anneal_end: float = Field(1.0, ge=0.0, le=1.0)
     beta: float = Field(0.0, ge=0.0)
     eps: float = Field(1e-12, ge=0.0)
+    modules: str | None = Field(
+        None,
+        description="glob over decomposed modules whose CIs this term penalises (default: all); list the loss "
+        "twice with disjoint globs for per-layer coefficients",
+    )
 
 
 class StochasticReconConfig(_LossBase):
@@ -395,7 +400,19 @@ def _faith(ctx: StepContext, cfg: FaithfulnessConfig) -> Tensor:
 
 def _imp(ctx: StepContext, cfg: ImportanceMinimalityConfig) -> Tensor:
     p = annealed_p(cfg.p, cfg.p_final, cfg.p_anneal_start, cfg.p_anneal_end, ctx.frac)
-    return importance_minimality_loss(ctx.ci.upper, p, cfg.beta, cfg.eps)
+    return importance_minimality_loss(select_modules(ctx.ci.upper, cfg.modules, "importance_minimality"), p,
+                                      cfg.beta, cfg.eps)  # fmt: skip
+
+
+def select_modules(tensors: dict[str, Tensor], modules: str | None, loss: str) -> dict[str, Tensor]:
+    """The entries whose module name matches the glob `modules` (all of them for None); a glob that matches
+    nothing is a config error, named by its loss."""
+    if modules is None:
+        return tensors
+    hits = {n: t for n, t in tensors.items() if fnmatch.fnmatchcase(n, modules)}
+    if not hits:
+        raise ValueError(f"{loss}.modules {modules!r} matches no decomposed module (they are: {list(tensors)})")
+    return hits
 
 
 def _stoch(ctx: StepContext, cfg: StochasticReconConfig) -> Tensor:
@@ -459,7 +476,9 @@ def loss_label(cfg: BaseConfig) -> str:
     """A short unique-ish label for logging, e.g. 'stochastic_recon/layerwise'."""
     name: str = cfg.name  # type: ignore[attr-defined]
     routing = getattr(cfg, "routing", None)
-    return f"{name}/{routing}" if routing is not None and routing != "all" else name
+    label = f"{name}/{routing}" if routing is not None and routing != "all" else name
+    modules = getattr(cfg, "modules", None)
+    return f"{label}[{modules}]" if modules is not None else label
 
 
 def total_loss(ctx: StepContext, cfgs: list[Any]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -73,7 +73,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def _loss_label(loss: dict[str, Any]) -> str:
     routing = loss.get("routing")
-    return loss.get("name", "?") + (f"/{routing}" if routing not in (None, "all") else "")
+    label = loss.get("name", "?") + (f"/{routing}" if routing not in (None, "all") else "")
+    return label + (f"[{loss['modules']}]" if loss.get("modules") is not None else "")
 
 
 def varying(rows: list[dict[str, Any]]) -> list[str]:

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from spd.losses import (
+    ImportanceMinimalityConfig,
+    StepContext,
     annealed_p,
     faithfulness_loss,
     faithfulness_per_module,
@@ -13,8 +15,10 @@ from spd.losses import (
     masked_recon_loss,
     mse,
     stochastic_recon_loss,
+    total_loss,
 )
 from spd.masks import stochastic_masks
+from spd.model import CausalImportances, CleanPass
 
 
 def fit_exactly(cm):
@@ -55,6 +59,24 @@ def test_importance_minimality_by_hand():
     # summed over modules, not averaged; leading dims (batch, position) are averaged together
     two = {"a": ci["a"], "b": ci["a"].reshape(1, 2, 2)}
     assert importance_minimality_loss(two, p=1.0, eps=0.0).item() == pytest.approx(2.0)
+
+
+def test_importance_minimality_per_module_coefficients(cm):
+    """Two importance terms on disjoint globs: each layer pays its own coefficient (hand-computed)."""
+    ci = {"fc1": torch.tensor([[0.5, 0.0], [1.0, 0.5]]), "fc2": torch.tensor([[1.0, 1.0]])}
+    clean = CleanPass(output=torch.zeros(1, 2), acts={})  # the importance term reads only ci and frac
+    ctx = StepContext(cm, None, clean, CausalImportances(lower=ci, upper=ci), mse, None, 0.0)
+    cfgs = [
+        ImportanceMinimalityConfig(name="importance_minimality", coeff=1e-5, p=1.0, eps=0.0, modules="fc1"),
+        ImportanceMinimalityConfig(name="importance_minimality", coeff=1e-4, p=1.0, eps=0.0, modules="fc2"),
+    ]
+    total, terms = total_loss(ctx, cfgs)
+    assert terms["importance_minimality[fc1]"].item() == pytest.approx(1.0)  # 0.75 + 0.25
+    assert terms["importance_minimality[fc2]"].item() == pytest.approx(2.0)
+    assert total.item() == pytest.approx(1e-5 * 1.0 + 1e-4 * 2.0)
+    bad = ImportanceMinimalityConfig(name="importance_minimality", coeff=1.0, modules="fc3")
+    with pytest.raises(ValueError, match="importance_minimality.modules 'fc3' matches no decomposed module"):
+        total_loss(ctx, [bad])
 
 
 def test_p_annealing():
