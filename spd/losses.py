@@ -261,9 +261,8 @@ def hidden_acts_recon_loss(
         dm = delta_masks(ci_lower, generator) if model.delta_component else None
     seen: dict[str, Tensor] = {}
     model(x, masks, dm, cache=seen)
-    names = [n for n in seen if seen[n].is_floating_point() and (modules is None or fnmatch.fnmatchcase(n, modules))]
-    if modules is not None and not names:
-        raise ValueError(f"hidden_acts_recon.modules {modules!r} matches no decomposed module ({list(seen)})")
+    floats = {n: v for n, v in seen.items() if v.is_floating_point()}
+    names = list(select_modules(floats, modules, "hidden_acts_recon"))
     sq = sum((seen[n] - clean_acts[n]).pow(2).sum() for n in names)
     count = sum(clean_acts[n].numel() for n in names)
     return sq / max(count, 1)  # type: ignore[return-value]
