@@ -337,6 +337,29 @@ def test_resid_mlp_cross_layer_ground_truth_wants_every_feature_in_every_layer()
     assert set(labels["layers.0.mlp_out"] + labels["layers.1.mlp_out"]) == {"W_out"}
 
 
+def test_cross_layer_read_by_hand():
+    """benchmarks/resid_mlp_cross_layer.py: a layer-1 W_in orthogonal to the mean layer-0 output loses nothing
+    when that direction is projected out; one that reads only it loses all of layer 1's output."""
+    xl = runpy.run_path(str(ROOT / "benchmarks" / "resid_mlp_cross_layer.py"))
+    model = init_resid_mlp(2, seed=0, d_embed=64, n_features=12, d_mlp=4)
+    m = xl["mean_output_directions"](model)[1]
+    w = model.layers[1].mlp_in.weight
+    with torch.no_grad():
+        w.copy_(w - torch.outer(w @ m, m))
+    row = xl["target_read"](model)["layer 1"]
+    assert row["remove_mean_dir_rel_output_err_median"] == 0.0
+    assert row["features_whose_own_output_changes_over_5pct"] == 0
+    with torch.no_grad():
+        w.copy_(torch.outer(torch.ones(4), m))
+        x = torch.eye(12) * 0.75
+        y, _ = xl["_forward"](model, x)
+        y0, _ = xl["_forward"](model, x, {1: torch.zeros_like(w)})
+    row = xl["target_read"](model)["layer 1"]
+    rel = ((y0 - y).pow(2).sum(1) / y.pow(2).sum(1)).median().item()
+    assert row["remove_mean_dir_rel_output_err_median"] == pytest.approx(rel, abs=1e-4)
+    assert rel > 0
+
+
 def test_induction_ablation_scorer_runs():
     res = _short("induction", "target.kwargs.train_steps=400", "target.kwargs.min_accuracy=0.0", "train.batch_size=32")
     assert 0.0 <= res["gt/previous_token/accuracy_ablated"] <= 1.0

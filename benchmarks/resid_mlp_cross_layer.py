@@ -1,0 +1,167 @@
+"""How much each later ResidMLP layer reads the earlier layers' MLP output, and whether a decomposition's broad
+W_in pieces are that read.
+
+    python benchmarks/resid_mlp_cross_layer.py --layers 2 --seeds 0 1 [--run RUN_DIR ...] [--out F.json]
+
+The paper's ground truth for 2 and 3 layers is one W_in subcomponent per feature in every layer. But layer l > 0
+reads the residual stream, which on feature i's probe holds both the embedding W_E[i] x and the earlier layers'
+output W_out ReLU(...). ReLU outputs are non-negative, so those outputs share a common direction (their mean m)
+across features, and a piece of W_in^l reading m is needed on almost every input: a dense cross-layer mechanism
+the per-feature pieces cannot carry (feature i's residual is x (W_E[i] + a_i) for x > 0 and x (W_E[i] - b_i) for
+x < 0, two directions, so no rank-1 piece reproduces W_in^l on both signs).
+
+Per target seed and later layer, on the one-hot probes (x = 0.75):
+- `read_ratio`: |W_in^l o_i| / |W_in^l W_E[i] x| (o_i: earlier layers' output on probe i), median over features;
+- `mean_dir_share`: the share of o_i along m (median), and how many features have more than 0.3 of it;
+- `remove_mean_dir`: the target with m projected out of W_in^l: relative output error (median over probes) and
+  the change of each probe's own output (median, and how many features change by more than 5%).
+With `--run`, for each decomposed `layers.l.mlp_in` the pieces important (lower CI > 0.1) on more than 5 probes:
+how many probes, their peak CI, |cos(V_c, m)| and, on the probes where the piece is important, the share of what
+it reads that comes from the earlier layers' output: |V_c . o_i| / (|V_c . o_i| + |V_c . W_E[i] x|) (median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from spd.ground_truth import probe_cis
+from spd.run import load_run
+from toy_models.nets import ResidMLP
+from toy_models.resid_mlp import PROBE_VALUE, resid_mlp_task
+
+BROAD_MIN_PROBES = 5
+CI_ON = 0.1
+
+
+def _forward(model: ResidMLP, x: Tensor, w_in: dict[int, Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
+    """Output and, per layer, the residual stream entering it (optionally with replaced W_in weights)."""
+    w_in = w_in or {}
+    resid = x @ model.W_E
+    entering = []
+    for i, layer in enumerate(model.layers):
+        entering.append(resid)
+        w = w_in.get(i, layer.mlp_in.weight)
+        resid = resid + torch.relu(resid @ w.T) @ layer.mlp_out.weight.T
+    return resid @ model.W_E.T, entering
+
+
+def mean_output_directions(model: ResidMLP) -> dict[int, Tensor]:
+    """Per later layer l, the unit mean over the probes of the earlier layers' output entering layer l."""
+    n = model.W_E.shape[0]
+    x = torch.eye(n) * PROBE_VALUE
+    _, entering = _forward(model, x)
+    embed = x @ model.W_E
+    out = {}
+    for layer in range(1, len(model.layers)):
+        m = (entering[layer] - embed).mean(0)
+        out[layer] = m / m.norm()
+    return out
+
+
+@torch.no_grad()
+def target_read(model: ResidMLP) -> dict[str, Any]:
+    n = model.W_E.shape[0]
+    x = torch.eye(n) * PROBE_VALUE
+    y, entering = _forward(model, x)
+    embed = x @ model.W_E
+    rows: dict[str, Any] = {}
+    for layer, m in mean_output_directions(model).items():
+        w = model.layers[layer].mlp_in.weight
+        o = entering[layer] - embed
+        ratio = (o @ w.T).norm(dim=1) / (embed @ w.T).norm(dim=1)
+        share = (o @ m).abs() / o.norm(dim=1)
+        y2, _ = _forward(model, x, {layer: w - torch.outer(w @ m, m)})
+        rel = (y2 - y).pow(2).sum(1) / y.pow(2).sum(1)
+        own = (y2 - y).diagonal().abs() / y.diagonal().abs()
+        rows[f"layer {layer}"] = {
+            "read_ratio_median": round(ratio.median().item(), 3),
+            "read_ratio_max": round(ratio.max().item(), 3),
+            "mean_dir_share_median": round(share.median().item(), 3),
+            "features_with_mean_dir_share_over_0.3": int((share > 0.3).sum()),
+            "remove_mean_dir_rel_output_err_median": round(rel.median().item(), 4),
+            "remove_mean_dir_own_output_change_median": round(own.median().item(), 4),
+            "features_whose_own_output_changes_over_5pct": int((own > 0.05).sum()),
+        }
+    return rows
+
+
+def earlier_share(v: Tensor, hit: Tensor, entering: Tensor, embed: Tensor) -> Tensor:
+    """On the probes `hit`: the share of what read direction `v` takes from the earlier layers' output
+    (`entering` minus `embed`) rather than from the embedding."""
+    earlier = ((entering - embed)[hit] @ v).abs()
+    return earlier / (earlier + (embed[hit] @ v).abs())
+
+
+@torch.no_grad()
+def broad_pieces(run_dir: str) -> dict[str, Any]:
+    run = load_run(run_dir)
+    target = run.task.target
+    assert isinstance(target, ResidMLP), f"{run_dir} is not a ResidMLP run"
+    dirs = mean_output_directions(target)
+    cis = probe_cis(run.model, run.task.ground_truth)
+    x = run.task.ground_truth.probe_inputs
+    _, entering = _forward(target, x)
+    embed = x @ target.W_E
+    out: dict[str, Any] = {"seed": run.config.seed}
+    for layer in range(len(target.layers)):
+        name = f"layers.{layer}.mlp_in"
+        if name not in cis:
+            continue
+        ci = cis[name]  # [probes, C]
+        on = (ci > CI_ON).sum(0)
+        V = run.model.comp(name).V.cpu()  # [d_embed, C]
+
+        def share(c: int, layer: int = layer, V: Tensor = V, ci: Tensor = ci) -> Tensor:
+            return earlier_share(V[:, c], ci[:, c] > CI_ON, entering[layer], embed)
+
+        pieces = []
+        for c in torch.nonzero(on > BROAD_MIN_PROBES).flatten().tolist():
+            row = {"subcomponent": c, "probes_important": int(on[c]), "peak_ci": round(ci[:, c].max().item(), 3)}
+            if layer in dirs:
+                row["abs_cos_V_mean_earlier_output"] = round(abs(float(V[:, c] @ dirs[layer] / V[:, c].norm())), 3)
+                row["earlier_output_share_of_read_median"] = round(share(c).median().item(), 3)
+            pieces.append(row)
+        out[name] = {"broad_pieces": pieces}
+        narrow = torch.nonzero((on >= 1) & (on <= BROAD_MIN_PROBES)).flatten().tolist()
+        if layer in dirs and narrow:  # the per-feature pieces, for comparison
+            out[name]["narrow_pieces"] = len(narrow)
+            narrow_share = torch.cat([share(c) for c in narrow]).median().item()
+            out[name]["narrow_earlier_output_share_of_read_median"] = round(narrow_share, 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=2, choices=[2, 3])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--run", nargs="*", default=[], help="decomposition run directories to inspect")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    report: dict[str, Any] = {
+        "command": "python benchmarks/resid_mlp_cross_layer.py "
+        + f"--layers {args.layers} --seeds {' '.join(map(str, args.seeds))}"
+        + "".join(f" --run {r}" for r in args.run),
+        "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
+        "targets": {},
+        "runs": [],
+    }
+    for seed in args.seeds:
+        task = resid_mlp_task(seed=seed, n_layers=args.layers)
+        assert isinstance(task.target, ResidMLP)
+        report["targets"][f"seed {seed}"] = target_read(task.target)
+    report["runs"] = [broad_pieces(r) for r in args.run]
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
