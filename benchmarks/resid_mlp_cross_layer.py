@@ -52,27 +52,24 @@ def _forward(model: ResidMLP, x: Tensor, w_in: dict[int, Tensor] | None = None) 
     return resid @ model.W_E.T, entering
 
 
-def mean_output_directions(model: ResidMLP) -> dict[int, Tensor]:
+def _probe_pass(model: ResidMLP) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """The one-hot probes (x = PROBE_VALUE), their embedding, the output and the residual entering each layer."""
+    x = torch.eye(model.W_E.shape[0]) * PROBE_VALUE
+    y, entering = _forward(model, x)
+    return x, x @ model.W_E, y, entering
+
+
+def mean_output_directions(embed: Tensor, entering: list[Tensor]) -> dict[int, Tensor]:
     """Per later layer l, the unit mean over the probes of the earlier layers' output entering layer l."""
-    n = model.W_E.shape[0]
-    x = torch.eye(n) * PROBE_VALUE
-    _, entering = _forward(model, x)
-    embed = x @ model.W_E
-    out = {}
-    for layer in range(1, len(model.layers)):
-        m = (entering[layer] - embed).mean(0)
-        out[layer] = m / m.norm()
-    return out
+    means = {layer: (entering[layer] - embed).mean(0) for layer in range(1, len(entering))}
+    return {layer: m / m.norm() for layer, m in means.items()}
 
 
 @torch.no_grad()
 def target_read(model: ResidMLP) -> dict[str, Any]:
-    n = model.W_E.shape[0]
-    x = torch.eye(n) * PROBE_VALUE
-    y, entering = _forward(model, x)
-    embed = x @ model.W_E
+    x, embed, y, entering = _probe_pass(model)
     rows: dict[str, Any] = {}
-    for layer, m in mean_output_directions(model).items():
+    for layer, m in mean_output_directions(embed, entering).items():
         w = model.layers[layer].mlp_in.weight
         o = entering[layer] - embed
         ratio = (o @ w.T).norm(dim=1) / (embed @ w.T).norm(dim=1)
@@ -92,48 +89,40 @@ def target_read(model: ResidMLP) -> dict[str, Any]:
     return rows
 
 
-def earlier_share(v: Tensor, hit: Tensor, entering: Tensor, embed: Tensor) -> Tensor:
-    """On the probes `hit`: the share of what read direction `v` takes from the earlier layers' output
-    (`entering` minus `embed`) rather than from the embedding."""
-    earlier = ((entering - embed)[hit] @ v).abs()
-    return earlier / (earlier + (embed[hit] @ v).abs())
-
-
 @torch.no_grad()
 def broad_pieces(run_dir: str) -> dict[str, Any]:
     run = load_run(run_dir)
     target = run.task.target
     assert isinstance(target, ResidMLP), f"{run_dir} is not a ResidMLP run"
-    dirs = mean_output_directions(target)
+    _, embed, _, entering = _probe_pass(target)
+    dirs = mean_output_directions(embed, entering)
     cis = probe_cis(run.model, run.task.ground_truth)
-    x = run.task.ground_truth.probe_inputs
-    _, entering = _forward(target, x)
-    embed = x @ target.W_E
     out: dict[str, Any] = {"seed": run.config.seed}
     for layer in range(len(target.layers)):
         name = f"layers.{layer}.mlp_in"
         if name not in cis:
             continue
         ci = cis[name]  # [probes, C]
-        on = (ci > CI_ON).sum(0)
+        hit = ci > CI_ON
+        on = hit.sum(0)
         V = run.model.comp(name).V.cpu()  # [d_embed, C]
-
-        def share(c: int, layer: int = layer, V: Tensor = V, ci: Tensor = ci) -> Tensor:
-            return earlier_share(V[:, c], ci[:, c] > CI_ON, entering[layer], embed)
-
+        # per probe and piece: the share of what the piece reads that comes from the earlier layers' output
+        earlier = ((entering[layer] - embed) @ V).abs()
+        share = earlier / (earlier + (embed @ V).abs())
         pieces = []
         for c in torch.nonzero(on > BROAD_MIN_PROBES).flatten().tolist():
             row = {"subcomponent": c, "probes_important": int(on[c]), "peak_ci": round(ci[:, c].max().item(), 3)}
             if layer in dirs:
                 row["abs_cos_V_mean_earlier_output"] = round(abs(float(V[:, c] @ dirs[layer] / V[:, c].norm())), 3)
-                row["earlier_output_share_of_read_median"] = round(share(c).median().item(), 3)
+                row["earlier_output_share_of_read_median"] = round(share[hit[:, c], c].median().item(), 3)
             pieces.append(row)
         out[name] = {"broad_pieces": pieces}
-        narrow = torch.nonzero((on >= 1) & (on <= BROAD_MIN_PROBES)).flatten().tolist()
-        if layer in dirs and narrow:  # the per-feature pieces, for comparison
-            out[name]["narrow_pieces"] = len(narrow)
-            narrow_share = torch.cat([share(c) for c in narrow]).median().item()
-            out[name]["narrow_earlier_output_share_of_read_median"] = round(narrow_share, 3)
+        narrow = (on >= 1) & (on <= BROAD_MIN_PROBES)
+        if layer in dirs and narrow.any():  # the per-feature pieces, for comparison
+            out[name]["narrow_pieces"] = int(narrow.sum())
+            out[name]["narrow_earlier_output_share_of_read_median"] = round(
+                share[:, narrow][hit[:, narrow]].median().item(), 3
+            )
     return out
 
 

@@ -342,7 +342,9 @@ def test_cross_layer_read_by_hand():
     when that direction is projected out; one that reads only it loses all of layer 1's output."""
     xl = runpy.run_path(str(ROOT / "benchmarks" / "resid_mlp_cross_layer.py"))
     model = init_resid_mlp(2, seed=0, d_embed=64, n_features=12, d_mlp=4)
-    m = xl["mean_output_directions"](model)[1]
+    x = torch.eye(12) * 0.75
+    _, entering = xl["_forward"](model, x)
+    m = xl["mean_output_directions"](x @ model.W_E, entering)[1]
     w = model.layers[1].mlp_in.weight
     with torch.no_grad():
         w.copy_(w - torch.outer(w @ m, m))
@@ -351,7 +353,6 @@ def test_cross_layer_read_by_hand():
     assert row["features_whose_own_output_changes_over_5pct"] == 0
     with torch.no_grad():
         w.copy_(torch.outer(torch.ones(4), m))
-        x = torch.eye(12) * 0.75
         y, _ = xl["_forward"](model, x)
         y0, _ = xl["_forward"](model, x, {1: torch.zeros_like(w)})
     row = xl["target_read"](model)["layer 1"]
