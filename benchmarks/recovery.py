@@ -66,7 +66,11 @@ def main() -> None:
         "of": len(rows),
         "runs": rows,
     }
-    print(f"passed {summary['passed']} of {summary['of']}")
+    line = f"passed {summary['passed']} of {summary['of']}"
+    if with_extras := [bool(r["with_extras/passed"]) for r in rows if "with_extras/passed" in r]:
+        summary["passed_with_extras"] = sum(with_extras)  # the target's extra mechanisms allowed (see its scorer)
+        line += f" ({sum(with_extras)} with the extra mechanisms allowed)"
+    print(line)
     if args.json_out:
         args.json_out.write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -34,28 +34,16 @@ from torch import Tensor
 from spd.ground_truth import probe_cis
 from spd.run import load_run
 from toy_models.nets import ResidMLP
-from toy_models.resid_mlp import PROBE_VALUE, resid_mlp_task
+from toy_models.resid_mlp import PROBE_VALUE, earlier_output_share, resid_mlp_task, residual_entering
 
 BROAD_MIN_PROBES = 5
 CI_ON = 0.1
 
 
-def _forward(model: ResidMLP, x: Tensor, w_in: dict[int, Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
-    """Output and, per layer, the residual stream entering it (optionally with replaced W_in weights)."""
-    w_in = w_in or {}
-    resid = x @ model.W_E
-    entering = []
-    for i, layer in enumerate(model.layers):
-        entering.append(resid)
-        w = w_in.get(i, layer.mlp_in.weight)
-        resid = resid + torch.relu(resid @ w.T) @ layer.mlp_out.weight.T
-    return resid @ model.W_E.T, entering
-
-
 def _probe_pass(model: ResidMLP) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """The one-hot probes (x = PROBE_VALUE), their embedding, the output and the residual entering each layer."""
     x = torch.eye(model.W_E.shape[0]) * PROBE_VALUE
-    y, entering = _forward(model, x)
+    y, entering = residual_entering(model, x)
     return x, x @ model.W_E, y, entering
 
 
@@ -74,7 +62,7 @@ def target_read(model: ResidMLP) -> dict[str, Any]:
         o = entering[layer] - embed
         ratio = (o @ w.T).norm(dim=1) / (embed @ w.T).norm(dim=1)
         share = (o @ m).abs() / o.norm(dim=1)
-        y2, _ = _forward(model, x, {layer: w - torch.outer(w @ m, m)})
+        y2, _ = residual_entering(model, x, {layer: w - torch.outer(w @ m, m)})
         rel = (y2 - y).pow(2).sum(1) / y.pow(2).sum(1)
         own = (y2 - y).diagonal().abs() / y.diagonal().abs()
         rows[f"layer {layer}"] = {
@@ -106,9 +94,7 @@ def broad_pieces(run_dir: str) -> dict[str, Any]:
         hit = ci > CI_ON
         on = hit.sum(0)
         V = run.model.comp(name).V.cpu()  # [d_embed, C]
-        # per probe and piece: the share of what the piece reads that comes from the earlier layers' output
-        earlier = ((entering[layer] - embed) @ V).abs()
-        share = earlier / (earlier + (embed @ V).abs())
+        share = earlier_output_share(target, V, layer)  # [probes, C]
         pieces = []
         for c in torch.nonzero(on > BROAD_MIN_PROBES).flatten().tolist():
             row = {"subcomponent": c, "probes_important": int(on[c]), "peak_ci": round(ci[:, c].max().item(), 3)}

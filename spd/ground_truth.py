@@ -62,6 +62,21 @@ class DenseCI:
 
 
 Check = Callable[[Any], tuple[dict[str, Any], list[str]]]  # model -> (metrics, failure messages)
+Piece = tuple[str, int]  # (decomposed module, subcomponent index)
+
+
+@dataclass(frozen=True)
+class ExtraMechanism:
+    """A mechanism the target really has beyond what `ci_patterns` describe (the published ground truth),
+    recognised in a decomposition by what its pieces compute, not by their CI pattern.
+
+    `find(model, probe_ci)` returns its pieces. `score` keeps the strict verdict (`passed`) and reports beside it
+    the verdict with these pieces taken out of the CI patterns and alive counts they would otherwise break
+    (`with_extras/...`); `mechanism_labels` labels them `name`.
+    """
+
+    name: str
+    find: Callable[[Any, dict[str, Tensor]], list[Piece]]
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,7 @@ class GroundTruth:
     criteria: Criteria = field(default_factory=Criteria)
     info: dict[str, Any] = field(default_factory=dict)  # e.g. n_features, n_represented
     checks: list[Check] = field(default_factory=list)
+    extras: list[ExtraMechanism] = field(default_factory=list)
 
 
 # ---- pure scoring functions --------------------------------------------------------------------------
@@ -227,19 +243,22 @@ def matching(names: list[str], pattern: str) -> list[str]:
     return hits
 
 
-def concat_ci(ci: dict[str, Tensor], names: list[str]) -> tuple[Tensor, list[tuple[str, int]]]:
+def concat_ci(ci: dict[str, Tensor], names: list[str]) -> tuple[Tensor, list[Piece]]:
     """CIs of several modules side by side ([n, sum C]) and the (module, index) of every column."""
     cols = [(n, c) for n in names for c in range(ci[n].shape[-1])]
     return torch.cat([ci[n].flatten(0, -2) for n in names], dim=-1), cols
 
 
 def pattern_rows(
-    probe_ci: dict[str, Tensor], key: str, truth: IdentityCI | DenseCI
-) -> tuple[Tensor, list[tuple[str, int]], list[str]]:
-    """The probe-CI rows a pattern is checked on ([probes, sum C] over its modules), each column's
-    (module, index), and the modules."""
+    probe_ci: dict[str, Tensor], key: str, truth: IdentityCI | DenseCI, exclude: frozenset[Piece] = frozenset()
+) -> tuple[Tensor, list[Piece], list[str]]:
+    """The probe-CI rows a pattern is checked on ([probes, sum C] over its modules, without the `exclude`
+    columns), each column's (module, index), and the modules."""
     names = matching(list(probe_ci), truth.modules or key)
     ci, cols = concat_ci(probe_ci, names)
+    if exclude:
+        keep = [j for j, col in enumerate(cols) if col not in exclude]
+        ci, cols = ci[:, keep], [cols[j] for j in keep]
     return (ci if truth.probes is None else ci[truth.probes]), cols, names
 
 
@@ -262,15 +281,21 @@ def mechanism_labels(
     Identity patterns: a subcomponent whose CI exceeds 0.5 on some probe gets f"{label} {f}" for the probe f
     where its CI is largest, so every piece of a feature gets the feature's label (one per layer for a
     cross-layer feature, or both halves of a feature split in two). Dense patterns: the k subcomponents with
-    the most probe CI mass get the pattern's mechanism name. Everything else is None (dead or unexplained).
-    Used to score groupings with the adjusted Rand index.
+    the most probe CI mass get the pattern's mechanism name. Pieces of an ExtraMechanism get its name (and are
+    left out of the patterns). Everything else is None (dead or unexplained). Used to score groupings with the
+    adjusted Rand index.
     """
     probe_ci = probe_cis(model, gt) if probe_ci is None else probe_ci
     labels: dict[str, list[str | None]] = {n: [None] * v.shape[-1] for n, v in probe_ci.items()}
+    found = {extra.name: extra.find(model, probe_ci) for extra in gt.extras}
+    for name, pieces in found.items():
+        for n, k in pieces:
+            labels[n][k] = name
+    exclude = frozenset(p for pieces in found.values() for p in pieces)
     for key, truth in gt.ci_patterns.items():
         if not matches_any(list(probe_ci), truth.modules or key):
             continue  # a matrix that was not decomposed (score() lists it under not_scored)
-        rows, cols, _ = pattern_rows(probe_ci, key, truth)
+        rows, cols, _ = pattern_rows(probe_ci, key, truth, exclude)
         if isinstance(truth, IdentityCI):
             top, which = rows.max(0)
             for j in (top > 0.5).nonzero().flatten().tolist():
@@ -284,6 +309,59 @@ def mechanism_labels(
 
 
 # ---- scoring a model ---------------------------------------------------------------------------------
+def _pattern_scores(
+    model: Any, gt: GroundTruth, probe_ci: dict[str, Tensor], exclude: frozenset[Piece] = frozenset()
+) -> tuple[dict[str, Any], list[str]]:
+    """Every CI pattern's error (and its informational companions) on the decomposed modules it covers."""
+    out: dict[str, Any] = {}
+    failures: list[str] = []
+    decomposed = list(model.module_names)
+    for name, pattern in gt.ci_patterns.items():
+        if not matches_any(decomposed, pattern.modules or name):
+            continue
+        rows, _, names = pattern_rows(probe_ci, name, pattern, exclude)
+        err: Callable[[float], int]
+        if isinstance(pattern, IdentityCI):
+            err, label = (lambda t, rows=rows: identity_ci_error(rows, t)), "identity_ci_error"
+            out[f"own_component/{name}"] = own_component_count(rows)
+        else:
+            err, label = (lambda t, ci=rows, k=pattern.k: dense_ci_error(ci, k, t)), "dense_ci_error"
+            out[f"dense_ci_entries_below/{name}"] = dense_ci_entries_below(rows, pattern.k)
+            if len(names) == 1 and pattern.probes is None and not exclude:  # the k should sum to the whole matrix
+                out[f"dense_sum_rel_error/{name}"] = _top_k_sum_error(model.comp(names[0]), rows, pattern.k)
+        e1, e2 = err(TOL), err(0.2)
+        out[f"{label}/{name}"], out[f"{label}_0p2/{name}"] = e1, e2
+        if e1 > gt.criteria.ci_error_max:
+            failures.append(f"{label}/{name} = {e1} > {gt.criteria.ci_error_max} (tolerance {TOL})")
+    return out, failures
+
+
+def _alive_scores(
+    model: Any, gt: GroundTruth, data_ci: list[dict[str, Tensor]], threshold: float, min_density: float,
+    exclude: frozenset[Piece] = frozenset(),
+) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+    """Alive subcomponents (other than `exclude`) against `expected_alive`, on the decomposed modules."""
+    out: dict[str, Any] = {}
+    failures: list[str] = []
+    dens = firing_density(data_ci, threshold)
+
+    def count(names: list[str], cut: float) -> int:
+        return sum(int(d > cut) for n in names for c, d in enumerate(dens[n].tolist()) if (n, c) not in exclude)
+
+    for name, expected in gt.expected_alive.items():
+        if not matches_any(list(model.module_names), name):
+            continue
+        names = matching(list(dens), name)
+        n_alive = count(names, min_density)
+        out[f"alive/{name}"] = n_alive
+        if min_density > 0:  # what the density cut removed is reported, not hidden
+            out[f"alive_ever/{name}"] = count(names, 0.0)
+        if n_alive != expected:
+            rule = f"CI > {threshold} on > {min_density:g} of inputs" if min_density > 0 else f"CI > {threshold}"
+            failures.append(f"alive/{name} = {n_alive} ({rule}), expected exactly {expected}")
+    return out, failures
+
+
 def score(
     model: Any,
     gt: GroundTruth,
@@ -295,7 +373,9 @@ def score(
 
     Returns flat metrics plus `passed` (bool) and `failures` (what missed which criterion). Criteria on
     matrices that were not decomposed are skipped and listed under `not_scored`; a decomposition that no
-    criterion applies to fails.
+    criterion applies to fails. With `gt.extras`, `extras/NAME` counts each extra mechanism's pieces and
+    `with_extras/...` repeats the CI-pattern and alive scores without them, with its own `passed` and `failures`
+    (the other criteria as in the strict verdict).
     """
     out: dict[str, Any] = dict(gt.info)
     failures: list[str] = []
@@ -325,41 +405,26 @@ def score(
         lo, hi = crit.ml2r_range
         if not lo <= ml <= hi:
             failures.append(f"ml2r/{d.module} = {ml:.4f} outside [{lo}, {hi}]")
-    if gt.ci_patterns:
-        probe_ci = probe_cis(model, gt)
-        for name, pattern in gt.ci_patterns.items():
-            if not covered(pattern.modules or name):
-                continue
-            rows, _, names = pattern_rows(probe_ci, name, pattern)
-            err: Callable[[float], int]
-            if isinstance(pattern, IdentityCI):
-                err, label = (lambda t, rows=rows: identity_ci_error(rows, t)), "identity_ci_error"
-                out[f"own_component/{name}"] = own_component_count(rows)
-            else:
-                err, label = (lambda t, ci=rows, k=pattern.k: dense_ci_error(ci, k, t)), "dense_ci_error"
-                out[f"dense_ci_entries_below/{name}"] = dense_ci_entries_below(rows, pattern.k)
-                if len(names) == 1 and pattern.probes is None:  # the k should sum to the whole matrix
-                    out[f"dense_sum_rel_error/{name}"] = _top_k_sum_error(model.comp(names[0]), rows, pattern.k)
-            e1, e2 = err(TOL), err(0.2)
-            out[f"{label}/{name}"], out[f"{label}_0p2/{name}"] = e1, e2
-            if e1 > crit.ci_error_max:
-                failures.append(f"{label}/{name} = {e1} > {crit.ci_error_max} (tolerance {TOL})")
-    alive = alive_counts(data_ci, threshold, min_density)
-    ever = alive_counts(data_ci, threshold) if min_density > 0 else alive
-    for name, expected in gt.expected_alive.items():
-        if not covered(name):
-            continue
-        n_alive = sum(alive[n] for n in matching(list(alive), name))
-        out[f"alive/{name}"] = n_alive
-        if min_density > 0:  # what the density cut removed is reported, not hidden
-            out[f"alive_ever/{name}"] = sum(ever[n] for n in matching(list(ever), name))
-        if n_alive != expected:
-            rule = f"CI > {threshold} on > {min_density:g} of inputs" if min_density > 0 else f"CI > {threshold}"
-            failures.append(f"alive/{name} = {n_alive} ({rule}), expected exactly {expected}")
+    probe_ci = probe_cis(model, gt) if gt.ci_patterns or gt.extras else {}
+    pattern_out, pattern_fails = _pattern_scores(model, gt, probe_ci)
+    alive_out, alive_fails = _alive_scores(model, gt, data_ci, threshold, min_density)
+    out |= pattern_out | alive_out
+    check_fails: list[str] = []
     for check in gt.checks:
         metrics, fails = check(model)
         out |= metrics
-        failures += fails
+        check_fails += fails
+    if gt.extras:
+        found = {extra.name: extra.find(model, probe_ci) for extra in gt.extras}
+        out |= {f"extras/{name}": len(pieces) for name, pieces in found.items()}
+        exclude = frozenset(p for pieces in found.values() for p in pieces)
+        p_out, p_fails = _pattern_scores(model, gt, probe_ci, exclude)
+        a_out, a_fails = _alive_scores(model, gt, data_ci, threshold, min_density, exclude)
+        shown = ("identity_ci_error/", "dense_ci_error/", "alive/")
+        out |= {f"with_extras/{k}": v for k, v in (p_out | a_out).items() if k.startswith(shown)}
+        out["with_extras/failures"] = failures + p_fails + a_fails + check_fails
+        out["with_extras/passed"] = not out["with_extras/failures"]
+    failures += pattern_fails + alive_fails + check_fails
     out["passed"] = not failures
     out["failures"] = failures
     return out

@@ -1,10 +1,13 @@
 """The toy zoo: models, data, ground-truth scorers (hand-computed cases) and the `spd toy` commands."""
 
+import dataclasses
 import json
 import math
 import re
 import runpy
 import sys
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -19,10 +22,12 @@ from toy_models.induction import sample_sequences
 from toy_models.resid_mlp import (
     SIZES,
     decomposed_neuron_contributions,
+    earlier_output_share,
     init_resid_mlp,
     labels,
     neuron_contributions,
     resid_mlp_task,
+    residual_entering,
 )
 from toy_models.targets import CACHE_ENV, trained_target
 from toy_models.tms import tms_task
@@ -343,7 +348,7 @@ def test_cross_layer_read_by_hand():
     xl = runpy.run_path(str(ROOT / "benchmarks" / "resid_mlp_cross_layer.py"))
     model = init_resid_mlp(2, seed=0, d_embed=64, n_features=12, d_mlp=4)
     x = torch.eye(12) * 0.75
-    _, entering = xl["_forward"](model, x)
+    _, entering = residual_entering(model, x)
     m = xl["mean_output_directions"](x @ model.W_E, entering)[1]
     w = model.layers[1].mlp_in.weight
     with torch.no_grad():
@@ -353,12 +358,67 @@ def test_cross_layer_read_by_hand():
     assert row["features_whose_own_output_changes_over_5pct"] == 0
     with torch.no_grad():
         w.copy_(torch.outer(torch.ones(4), m))
-        y, _ = xl["_forward"](model, x)
-        y0, _ = xl["_forward"](model, x, {1: torch.zeros_like(w)})
+        y, _ = residual_entering(model, x)
+        y0, _ = residual_entering(model, x, {1: torch.zeros_like(w)})
     row = xl["target_read"](model)["layer 1"]
     rel = ((y0 - y).pow(2).sum(1) / y.pow(2).sum(1)).median().item()
     assert row["remove_mean_dir_rel_output_err_median"] == pytest.approx(rel, abs=1e-4)
     assert rel > 0
+
+
+class _FixedCI:
+    """What `score` reads of a decomposition: module names, read directions V, and fixed probe CIs."""
+
+    def __init__(self, V: dict[str, torch.Tensor], ci: dict[str, torch.Tensor]):
+        self.module_names, self._V, self._ci = list(ci), V, ci
+
+    def comp(self, name: str) -> Any:
+        return SimpleNamespace(V=self._V[name])
+
+    def parameters(self) -> Any:
+        return iter([torch.zeros(1)])
+
+    def probe_importances(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._ci
+
+
+def test_resid_mlp_shared_read_is_an_extra_mechanism_by_hand():
+    """A layer-1 W_in piece important on every probe that reads only the layer-0 output (its V orthogonal to
+    the embeddings) is the "shared read 1" extra: the strict verdict fails on it, with_extras passes, and it is
+    labelled as its own mechanism. The same piece reading the embeddings instead is no extra."""
+    from spd.ground_truth import score
+    from toy_models.resid_mlp import ground_truth
+
+    nf, d = 12, 64
+    target = init_resid_mlp(2, seed=0, d_embed=d, n_features=nf, d_mlp=4)
+    x = torch.eye(nf) * 0.75
+    with torch.no_grad():
+        earlier = residual_entering(target, x)[1][1] - x @ target.W_E  # [nf, d] layer 0's output per probe
+        q_embed = torch.linalg.qr(target.W_E.T).Q  # [d, nf]
+        q_earlier = torch.linalg.qr(earlier.T).Q
+        m = earlier.mean(0) - q_embed @ (q_embed.T @ earlier.mean(0))  # reads no embedding
+        per_feature = target.W_E.T - q_earlier @ (q_earlier.T @ target.W_E.T)  # read no earlier output
+    V1 = torch.cat([per_feature, m[:, None], target.W_E[:1].T], 1)  # [d, nf + 2]
+    share = earlier_output_share(target, V1, 1)
+    assert share[:, :nf].max() < 1e-4 and share[:, nf].min() > 0.999
+    ci1 = torch.cat([torch.eye(nf), torch.ones(nf, 1), torch.zeros(nf, 1)], 1)
+    ci = {"layers.0.mlp_in": torch.eye(nf), "layers.1.mlp_in": ci1, "layers.0.mlp_out": torch.ones(nf, 4),
+          "layers.1.mlp_out": torch.ones(nf, 4)}  # fmt: skip
+    gt = dataclasses.replace(ground_truth(target), checks=[])  # neuron contributions need full components
+    model = _FixedCI({"layers.1.mlp_in": V1}, ci)
+    res = score(model, gt, [ci])
+    assert res["identity_ci_error/layers.1.mlp_in"] == nf and res["alive/layers.1.mlp_in"] == nf + 1
+    assert not res["passed"]
+    assert res["extras/shared read 1"] == 1
+    assert res["with_extras/identity_ci_error/layers.1.mlp_in"] == 0
+    assert res["with_extras/alive/layers.1.mlp_in"] == nf
+    assert res["with_extras/passed"] and res["with_extras/failures"] == []
+    labels_ = mechanism_labels(model, gt, ci)["layers.1.mlp_in"]
+    assert labels_[nf] == "shared read 1" and labels_[:nf] == [f"feature {i}" for i in range(nf)]
+    # the broad piece reading the embeddings instead: not the shared read, both verdicts fail
+    V1[:, nf] = per_feature.sum(1)
+    res = score(_FixedCI({"layers.1.mlp_in": V1}, ci), gt, [ci])
+    assert res["extras/shared read 1"] == 0 and not res["with_extras/passed"]
 
 
 def test_induction_ablation_scorer_runs():
