@@ -77,7 +77,8 @@ TOYS: dict[str, Toy] = {
         # rank-50 pattern is checked by the shipped config only, and the scores list it under not_scored),
         # importance coefficient 5e-5, 4000 steps (~15 ms/step at 2 threads, half the full config's): seeds 0-4
         # give exactly 100 W_in subcomponents with identity-CI error 0 and grouping ARI 1.0
-        # (benchmarks/results/recovery_resid_mlp1_fast.json; 6000 steps passed seeds 0-4 as well). At the
+        # (benchmarks/results/recovery_resid_mlp1_fast.json; 6000 steps passed seeds 0-4 as well; 3000 steps
+        # failed seed 1 on one identity-CI error, recovery_resid_mlp1_fast_3k.json). At the
         # config's 1e-5 CI-L0 is still 5-7 per input at 6000 steps (identity-CI errors 743, 1414); 3e-5 (6000
         # steps) passed seeds 0-2 but seed 3 kept features 16 and 28 on two mixed subcomponents; at 1e-4 diagonal
         # CIs sit under 0.9 (error 4, seed 0).
