@@ -66,7 +66,8 @@ TOYS: dict[str, Toy] = {
         # the shipped schedule (batch 1024, LR 3e-3 wsd, coefficient 6e-5) cut to 3000 of its 16k steps: seeds 0-4
         # pass the strict scorer (W exact, identity layer exactly 10 alive, dense-CI error 0) and grouping gives
         # ARI 1.0 (benchmarks/results/recovery_tms_40-10-id_fast.json); at 2000 steps seed 0 keeps one straggler,
-        # and with C 100/100/50 (~25% faster per step) seed 0 merges features (MMCS 0.978)
+        # with C 100/100/50 (~25% faster per step) seed 0 merges features (MMCS 0.978), and with C 200/200/20
+        # seeds 0 and 3 keep 12 and 11 identity-layer pieces alive (recovery_tms_40-10-id_fast_c20.json)
         ["train.steps=3000", NO_CKPT],
     ),
     "resid_mlp1": Toy(
