@@ -223,11 +223,16 @@ def firing_density(ci_batches: list[dict[str, Tensor]], threshold: float) -> dic
     return {n: (h / counts[n]).float() for n, h in hits.items()}
 
 
-def alive_counts(ci_batches: list[dict[str, Tensor]], threshold: float, min_density: float = 0.0) -> dict[str, int]:
+def alive_counts(
+    ci_batches: list[dict[str, Tensor]], threshold: float, min_density: float = 0.0,
+    exclude: frozenset[Piece] = frozenset(),
+) -> dict[str, int]:  # fmt: skip
     """Subcomponents whose CI exceeds `threshold`, per module: on at least one input when `min_density` is 0,
     otherwise on more than that fraction of the inputs (the reference's activation-density notion of alive:
-    a subcomponent that fires on 2 of 16k inputs at CI 0.2 is not a mechanism)."""
+    a subcomponent that fires on 2 of 16k inputs at CI 0.2 is not a mechanism). `exclude`: pieces not counted."""
     dens = firing_density(ci_batches, threshold)
+    for n, c in exclude:
+        dens[n][c] = 0.0
     return {n: int((d > min_density).sum()) for n, d in dens.items()}
 
 
@@ -343,19 +348,16 @@ def _alive_scores(
     """Alive subcomponents (other than `exclude`) against `expected_alive`, on the decomposed modules."""
     out: dict[str, Any] = {}
     failures: list[str] = []
-    dens = firing_density(data_ci, threshold)
-
-    def count(names: list[str], cut: float) -> int:
-        return sum(int(d > cut) for n in names for c, d in enumerate(dens[n].tolist()) if (n, c) not in exclude)
-
+    alive = alive_counts(data_ci, threshold, min_density, exclude)
+    ever = alive_counts(data_ci, threshold, 0.0, exclude) if min_density > 0 else alive
     for name, expected in gt.expected_alive.items():
         if not matches_any(list(model.module_names), name):
             continue
-        names = matching(list(dens), name)
-        n_alive = count(names, min_density)
+        names = matching(list(alive), name)
+        n_alive = sum(alive[n] for n in names)
         out[f"alive/{name}"] = n_alive
         if min_density > 0:  # what the density cut removed is reported, not hidden
-            out[f"alive_ever/{name}"] = count(names, 0.0)
+            out[f"alive_ever/{name}"] = sum(ever[n] for n in names)
         if n_alive != expected:
             rule = f"CI > {threshold} on > {min_density:g} of inputs" if min_density > 0 else f"CI > {threshold}"
             failures.append(f"alive/{name} = {n_alive} ({rule}), expected exactly {expected}")
