@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/spd train configs/tms_5-2.yaml
 
-## The default test suite (offline, CPU).
+## The default test suite (offline, CPU), one pytest-xdist worker per core (each gets cores/workers torch threads).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n auto --durations=15
 
 ## Full-length recovery runs (5 seeds of TMS 5-2 and 5-2+ID on the paper-level schedule).
 test-slow: $(STAMP)

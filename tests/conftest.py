@@ -42,9 +42,16 @@ with install_import_hook(CHECKED, "beartype.beartype"):
     import spd.sigmoids  # noqa: F401
     import spd.unlearning  # noqa: F401
 
+import os
+
 import pytest
 import torch
 from torch import nn
+
+# Under pytest-xdist (`make test`: one worker per core) each worker gets its share of the cores: toy-sized steps
+# gain ~1.4x from a second torch thread, while a second worker doubles throughput.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from spd.ci import CIConfig
 from spd.model import ComponentModel, ModuleSpec
@@ -78,11 +85,28 @@ def cm(two_layer: TwoLayer) -> ComponentModel:
 def tms_5_2_fast(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """TMS 5-2 decomposed once per session on its reduced schedule, into a run directory, logging every 20 steps:
     (run, results). The recovery, diagnostics and ablation tests read this one run instead of training three
-    (~90 s each on a 2-core CPU); none of them changes it (ablations edit copies of the target)."""
+    (~90 s each on a 2-core CPU); none of them changes it (ablations edit copies of the target).
+
+    Under pytest-xdist the run lives in the directory all workers share: the first worker to ask trains it
+    (holding a file lock), the others wait and load it (`load_run` and its eval.json). xdist's loadgroup would keep
+    the three tests on one worker instead, but it does not group under pytest 9.2 (pytest-xdist issue 1386)."""
+    import json
+
+    from filelock import FileLock
+
+    from spd import io
     from spd.config import load_config
-    from spd.run import decompose
+    from spd.run import decompose, load_run
     from toy_models import TOYS
 
-    toy = TOYS["tms_5-2"]
-    cfg = load_config(toy.config_path, [*toy.fast, "train.log_every=20"])
-    return decompose(cfg, tmp_path_factory.mktemp("tms_5_2_fast") / "run", progress=False)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above every worker's own
+    run_dir = root / "tms_5_2_fast" / "run"
+    with FileLock(str(root / "tms_5_2_fast.lock")):
+        if (run_dir / io.EVAL).is_file():
+            return load_run(run_dir), json.loads((run_dir / io.EVAL).read_text())
+        toy = TOYS["tms_5-2"]
+        cfg = load_config(toy.config_path, [*toy.fast, "train.log_every=20"])
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        return decompose(cfg, run_dir, progress=False)

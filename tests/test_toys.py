@@ -16,6 +16,7 @@ from helpers import ROOT
 from spd.cli import main as spd_main
 from spd.config import load_config
 from spd.ground_truth import DenseCI, GroundTruth, IdentityCI, concat_ci, matching, mechanism_labels
+from spd.task import build_task
 from toy_models import TOYS
 from toy_models.cyclic import N_DAYS, build, days
 from toy_models.induction import sample_sequences
@@ -100,6 +101,15 @@ def test_shipped_tms_40_10_targets_load_without_training():
                      require_all_represented=False)  # fmt: skip
         assert t.info["target_source"] == "shipped"
         assert t.info["n_represented"] >= 38
+
+
+@pytest.mark.parametrize("name", ["tms_5-2", "resid_mlp1"])
+def test_the_fast_schedules_targets_are_shipped(name):
+    """Seed 0's targets of the reduced schedules the default suite runs ship in toy_models/targets/ (made by
+    `SPD_TARGET_CACHE=DIR`, then copied), so no test process trains them (~20 s and ~60 s); a changed recipe
+    changes the key and fails here until its target is shipped again."""
+    cfg = load_config(TOYS[name].config_path, TOYS[name].fast)
+    assert build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed).info["target_source"] == "shipped"
 
 
 # ---- ResidMLP ------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def cached_curve(kind: str, key: dict[str, Any], build: Callable[[], ComputeCurv
     curve = build()
     curve.info["cache_key"] = key
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # parallel writers (pytest-xdist workers) never share it
     curve.save(tmp)
     os.replace(tmp, path)
     return curve
