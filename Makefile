@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/spd train configs/tms_5-2.yaml
 
-## The default test suite (offline, CPU), one pytest-xdist worker per core (each gets cores/workers torch threads).
+## The default test suite (offline, CPU): one pytest-xdist worker per core (cores/workers torch threads each);
+## an idle worker takes queued tests from a busy one (worksteal), so the long recovery tests spread out.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --durations=15
+	$(BIN)/python -m pytest -q -n auto --dist worksteal --durations=15
 
 ## Full-length recovery runs (5 seeds of TMS 5-2 and 5-2+ID on the paper-level schedule).
 test-slow: $(STAMP)

@@ -2,6 +2,9 @@
 
     python benchmarks/recovery.py configs/tms_5-2.yaml --seeds 0 1 2 3 4 [--set train.steps=4000 ...]
 
+A `--set` value may name the seed as {seed}, e.g. `--set train.init_from=runs/resid_mlp2-seed{seed}` (a new
+tail on each seed's finished run).
+
 Prints one line per seed and a JSON summary (also written with --json-out; it records the command and the machine,
 and `spd toy import FILE` puts it into figures/toy_results.md).
 """
@@ -37,7 +40,7 @@ def main() -> None:
     rows = []
     device = "cpu"
     for seed in args.seeds:
-        cfg = load_config(args.config, [*args.set, f"seed={seed}"])
+        cfg = load_config(args.config, [*(o.replace("{seed}", str(seed)) for o in args.set), f"seed={seed}"])
         device = cfg.train.device
         t0 = time.perf_counter()
         run_dir = args.runs_dir / f"{Path(args.config).stem}-seed{seed}" if args.runs_dir else None

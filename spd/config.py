@@ -102,6 +102,12 @@ class TrainConfig(BaseConfig):
     keep_checkpoints: int = Field(2, ge=1)
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default)")
     device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'")
+    init_from: str | None = Field(
+        None,
+        description="a finished run directory of the same target and decomposition: start from its components "
+        "and CI function instead of a fresh initialisation (a new tail schedule on top of a run); the "
+        "faithfulness warm-up still runs unless train.faithfulness_warmup.steps is 0",
+    )
     eval_every: int | None = Field(
         None,
         gt=0,

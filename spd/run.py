@@ -129,12 +129,31 @@ def decompose(
         if source is None or state is not None:  # weights with recorded file hashes reload from those files
             io.save_tensors(path / io.TARGET, task.target.state_dict())
     model = build_model(cfg, task)
+    if cfg.train.init_from is not None:
+        _init_from(model, task, Path(cfg.train.init_from))
     log = _log(cfg, path) if main else None
     _reset_peak_memory(cfg)
     t0 = time.perf_counter()
     train(model, task.sample_batch, cfg, path, log, resume=False, progress=progress)
     run = Run(cfg, task, model, path)
     return run, _finish(run, log, time.perf_counter() - t0) if main else {}
+
+
+def _init_from(model: ComponentModel, task: Task, path: Path) -> None:
+    """Load a finished run's components and CI function into `model`, after checking the run decomposed this
+    very target (train.init_from)."""
+    where = f"train.init_from {str(path)!r}"
+    if not (path / io.MODEL).is_file():
+        raise ConfigError(f"{where} is not a finished run directory (no {io.MODEL}); finish it with `spd resume`")
+    if (path / io.TARGET).is_file():
+        theirs = io.load_tensors(path / io.TARGET)
+        ours = task.target.state_dict()
+        if theirs.keys() != ours.keys() or any(not torch.equal(theirs[k], ours[k].cpu()) for k in ours):
+            raise ConfigError(f"{where} decomposed another target (its {io.TARGET} differs from this config's)")
+    try:
+        io.load_model_state(model, io.load_tensors(path / io.MODEL), path / io.MODEL)
+    except (ValueError, RuntimeError) as e:  # other modules or C: names or shapes do not fit
+        raise ConfigError(f"{where}: its decomposition does not fit this config's ({e})") from None
 
 
 def _log(cfg: Config, path: Path | None) -> MetricsLog:

@@ -5,6 +5,7 @@ import torch
 from helpers import tiny_tms_config
 
 from spd import io
+from spd.base_config import ConfigError
 from spd.config import load_config
 from spd.run import decompose, load_run, resume
 
@@ -30,6 +31,34 @@ def test_save_load_round_trip(tmp_path):
     fresh = loaded.evaluate()
     assert saved["recon/ci"] == pytest.approx(fresh["recon/ci"])
     assert saved["gt/mmcs/linear1"] == pytest.approx(fresh["gt/mmcs/linear1"])
+
+
+def test_init_from_starts_from_a_finished_run_and_refuses_one_that_does_not_fit(tmp_path):
+    first = tmp_path / "first"
+    run, _ = decompose(load_config(tiny_tms_config()), first, progress=False)
+    # a tail on top of it: no warm-up, one step at a tiny LR, so the components barely move from the loaded ones
+    tail = load_config(tiny_tms_config(steps=1, lr={"peak": 1e-9, "schedule": "constant"},
+                                       faithfulness_warmup={"steps": 0}, init_from=str(first)))  # fmt: skip
+    fresh = load_config(tiny_tms_config(steps=1, lr={"peak": 1e-9, "schedule": "constant"},
+                                        faithfulness_warmup={"steps": 0}))  # fmt: skip
+    tailed, _ = decompose(tail, tmp_path / "tail", progress=False)
+    started, _ = decompose(fresh, None, progress=False)
+    for k, v in _params(run.model).items():
+        assert torch.allclose(tailed.model.trainable_state_dict()[k], v, atol=1e-6), k
+    assert any(not torch.allclose(v, _params(run.model)[k]) for k, v in _params(started.model).items())
+    assert load_config(tmp_path / "tail" / io.CONFIG).train.init_from == str(first)  # recorded with the run
+
+    other_target = tiny_tms_config(init_from=str(first))
+    other_target["seed"] = 1  # the seed trains another target
+    with pytest.raises(ConfigError, match="train.init_from .* decomposed another target"):
+        decompose(load_config(other_target), None, progress=False)
+    other_c = tiny_tms_config(init_from=str(first))
+    for spec in other_c["decomposition"]["modules"]:
+        spec["C"] = 7
+    with pytest.raises(ConfigError, match="does not fit this config's"):
+        decompose(load_config(other_c), None, progress=False)
+    with pytest.raises(ConfigError, match="not a finished run directory"):
+        decompose(load_config(tiny_tms_config(init_from=str(tmp_path / "nothing"))), None, progress=False)
 
 
 def test_existing_run_dir_is_never_overwritten(tmp_path):
