@@ -1,7 +1,7 @@
 """Per-step time of a decomposition config (default TMS 5-2: C 20, batch 4096, the shipped config's losses).
 
     python benchmarks/bench_step.py [--config configs/tms_5-2.yaml] [--set k=v ...] [--steps 200]
-                                    [--modes eager compile bf16 compile_bf16] [--device cpu|cuda]
+                                    [--modes eager compile compile_unfused bf16 compile_bf16] [--device cpu|cuda]
 
 Times `--steps` full training steps (data, CI, all losses, backward, AdamW) after `--warmup` steps, for each
 mode, and prints ms/step and steps/s, plus the time to import spd and to answer `spd --help`. With `--rounds R`
@@ -30,7 +30,9 @@ from spd.run import build_model
 from spd.task import build_task
 from spd.train import build_optimizer, compile_ci_function, train_step
 
-MODES = ["eager", "compile", "bf16", "compile_bf16"]  # bf16: autocast (train.bf16); compile: the CI function
+# bf16: autocast (train.bf16); compile: the CI function (spd.train.compile_ci_function); compile_unfused: the CI
+# function compiled as a whole module, inductor deriving its backward (what compile did before spd.ci._Kernels)
+MODES = ["eager", "compile", "compile_unfused", "bf16", "compile_bf16"]
 
 
 def make_step(mode: str, device: str, config: str, overrides: list[str], reuse: bool = True) -> Callable[[], None]:
@@ -43,6 +45,9 @@ def make_step(mode: str, device: str, config: str, overrides: list[str], reuse: 
     data_gen = torch.Generator().manual_seed(0)
     if mode in ("compile", "compile_bf16"):
         compile_ci_function(model)
+    elif mode == "compile_unfused":
+        for net in model.ci_fn.nets.values():
+            net.compile(dynamic=False)
     opt = build_optimizer(model, cfg)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=mode.endswith("bf16"))
 

@@ -28,8 +28,8 @@ class _LowerLeakyHard(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         (z,) = ctx.saved_tensors
         # d(loss)/dz = grad on (0, 1]; 0.01*grad on z <= 0 when grad < 0 (gradient descent raises z); 0 above 1.
-        leak = torch.where(grad < 0, LEAK * grad, torch.zeros_like(grad))
-        return torch.where(z <= 0, leak, torch.where(z <= 1, grad, torch.zeros_like(grad)))
+        # (One where over two cheap branches: 6 elementwise passes instead of 9; it runs once per matrix per step.)
+        return torch.where(z > 0, grad * (z <= 1), LEAK * grad.clamp(max=0.0))
 
 
 def lower_leaky_hard(z: Float[Tensor, "*b"]) -> Float[Tensor, "*b"]:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from spd import distributed, io
 from spd.adversarial import PersistentAdversary
+from spd.ci import ScalarMLP
 from spd.config import Config, LRConfig, WarmupConfig
 from spd.evals import quick_eval
 from spd.losses import DIVERGENCES, StepContext, faithfulness_loss, total_loss
@@ -78,7 +79,10 @@ def compile_ci_function(model: ComponentModel) -> None:
     torch._dynamo.config.suppress_errors = True
     nets = getattr(model.ci_fn, "nets", None)
     for net in nets.values() if nets is not None else [model.ci_fn]:
-        net.compile(dynamic=False)
+        if isinstance(net, ScalarMLP) and len(net.ws) == 0:
+            net.fused = True  # compiled kernels with a hand-written backward (spd.ci._Kernels)
+        else:
+            net.compile(dynamic=False)
 
 
 def bf16_matmul_is_native(device: torch.device) -> bool | None:

@@ -19,6 +19,29 @@ def test_scalar_mlp_by_hand():
     assert torch.allclose(net(h), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(64,), (4, 16)])
+def test_fused_scalar_mlp_matches_the_module_in_value_and_every_gradient(shape):
+    """The compiled one-hidden-layer path (hand-written backward from the saved gelu and gelu') gives the plain
+    module's logits and the gradients wrt the input and all four parameters, for any upstream gradient; without
+    gradients it takes the compiled forward only. Leading dims (batch, position) are summed over."""
+    torch.manual_seed(0)
+    plain, fused = ScalarMLP(C=7, hidden=[5]), ScalarMLP(C=7, hidden=[5])
+    fused.load_state_dict(plain.state_dict())
+    fused.fused = True
+    h = torch.randn(*shape, 7) * 2
+    up = torch.randn(*shape, 7)
+    h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    z1, z2 = plain(h1), fused(h2)
+    assert torch.allclose(z1, z2, atol=1e-5)
+    (z1 * up).sum().backward()
+    (z2 * up).sum().backward()
+    assert torch.allclose(h1.grad, h2.grad, atol=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4), name
+    with torch.no_grad():
+        assert torch.allclose(fused(h), z1, atol=1e-5)
+
+
 def test_scalar_mlp_subcomponents_are_independent():
     torch.manual_seed(0)
     net = ScalarMLP(C=3, hidden=[4, 5])
