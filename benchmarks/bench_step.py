@@ -46,7 +46,8 @@ def make_step(mode: str, device: str, config: str, overrides: list[str], reuse: 
     if mode in ("compile", "compile_bf16"):
         compile_ci_function(model)
     elif mode == "compile_unfused":
-        for net in model.ci_fn.nets.values():
+        nets = getattr(model.ci_fn, "nets", None)
+        for net in nets.values() if nets is not None else [model.ci_fn]:
             net.compile(dynamic=False)
     opt = build_optimizer(model, cfg)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=mode.endswith("bf16"))

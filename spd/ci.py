@@ -111,8 +111,8 @@ class _FusedOneHidden(torch.autograd.Function):
 class ScalarMLP(nn.Module):
     """Per-subcomponent MLP R -> R on the scalar inner activation: z_c = MLP_c(h_c).
 
-    `fused = True` (set by `spd.train.compile_ci_function`) runs the one-hidden-layer case through compiled
-    kernels with a hand-written backward (`_Kernels`); the math is the same.
+    `fuse()` (called by `spd.train.compile_ci_function`) runs the one-hidden-layer case through compiled kernels
+    with a hand-written backward (`_Kernels`); the math is the same.
     """
 
     reads = "inner"
@@ -131,8 +131,13 @@ class ScalarMLP(nn.Module):
         self.w_out = _init((C, hidden[-1]), hidden[-1], 1.0)
         self.b_out = nn.Parameter(torch.zeros(C))
 
+    def fuse(self) -> bool:
+        """Use the compiled kernels from now on, if this network has one hidden layer; whether it does."""
+        self.fused = len(self.ws) == 0
+        return self.fused
+
     def forward(self, h: Float[Tensor, "... C"]) -> Float[Tensor, "... C"]:
-        if self.fused and len(self.ws) == 0:
+        if self.fused:
             params = (self.w_in, self.b_in, self.w_out, self.b_out)
             if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params)):
                 return _FusedOneHidden.apply(h, *params)

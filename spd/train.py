@@ -79,9 +79,7 @@ def compile_ci_function(model: ComponentModel) -> None:
     torch._dynamo.config.suppress_errors = True
     nets = getattr(model.ci_fn, "nets", None)
     for net in nets.values() if nets is not None else [model.ci_fn]:
-        if isinstance(net, ScalarMLP) and len(net.ws) == 0:
-            net.fused = True  # compiled kernels with a hand-written backward (spd.ci._Kernels)
-        else:
+        if not (isinstance(net, ScalarMLP) and net.fuse()):  # fused: compiled kernels, hand-written backward
             net.compile(dynamic=False)
 
 

@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from conftest import EXPECTED_S, RECOVERY, SHARED_TMS_5_2, balanced_order
+from conftest import EXPECTED_S, RECOVERY, SHARED_TMS_5_2, _key, balanced_order
 
 
 def _items(names: list[str]) -> list:
@@ -18,13 +18,13 @@ def test_long_tests_are_spread_over_the_shares_and_lead_them():
     assert sorted(id(it) for it in order) == sorted(id(it) for it in items)  # a permutation
     half = len(order) // 2  # xdist's worksteal hands worker 0 the first len // 2 tests
     shares = [order[:half], order[half:]]
-    load = [sum(EXPECTED_S.get(it.nodeid.split("/")[-1], 0.0) for it in share) for share in shares]
+    load = [sum(EXPECTED_S.get(_key(it), 0.0) for it in share) for share in shares]
     assert abs(load[0] - load[1]) <= 0.15 * sum(load)
     for share in shares:  # each share's long tests come first, where stealing (from the back) leaves them
-        long_flags = [it.nodeid.split("/")[-1] in {*EXPECTED_S, *SHARED_TMS_5_2} for it in share]
+        long_flags = [_key(it) in {*EXPECTED_S, *SHARED_TMS_5_2} for it in share]
         assert long_flags == sorted(long_flags, reverse=True)
     # the readers of the shared TMS 5-2 run are in one share, the one that trains it first
-    keys = [it.nodeid.split("/")[-1] for it in order]
+    keys = [_key(it) for it in order]
     pos = [keys.index(k) for k in SHARED_TMS_5_2]
     assert pos == sorted(pos) and len({p < half for p in pos}) == 1
     assert keys[pos[0]] == f"{RECOVERY}[tms_5-2]"
