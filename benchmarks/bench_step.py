@@ -6,7 +6,10 @@
 Times `--steps` full training steps (data, CI, all losses, backward, AdamW) after `--warmup` steps, for each
 mode, and prints ms/step and steps/s, plus the time to import spd and to answer `spd --help`. With `--rounds R`
 every variant is timed R times, interleaved, and the median is reported (`--reuse both` adds each mode without
-the clean-pass reuse of `spd.reuse`, for before/after figures on one loaded host).
+the clean-pass reuse of `spd.reuse`, for before/after figures on one loaded host). `--profile FILE` then profiles
+`--profile-steps` steps of the first variant with torch.profiler (CUDA kernels too on a GPU) and writes its op
+table to FILE, with the op and kernel counts per step and the busy fraction of the GPU: where a step waits on the
+host (launches, Python) rather than on arithmetic.
 Yardsticks (the public reference implementation, same configs): TMS 5-2 31 ms/step fp32 and 143 ms/step with
 its default bf16 autocast on a 2-core CPU, 16.6 ms/step on an H100; ResidMLP 1 220 ms/step fp32 and 3.2 s/step
 bf16 on the 2-core CPU, 18 ms/step on an H100.
@@ -27,7 +30,7 @@ import torch
 
 from spd.config import load_config
 from spd.run import build_model
-from spd.task import build_task
+from spd.task import build_task, to_device
 from spd.train import build_optimizer, compile_ci_function, train_step
 
 # bf16: autocast (train.bf16); compile: the CI function (spd.train.compile_ci_function); compile_unfused: the CI
@@ -53,7 +56,7 @@ def make_step(mode: str, device: str, config: str, overrides: list[str], reuse: 
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=mode.endswith("bf16"))
 
     def step() -> None:
-        x = task.sample_batch(cfg.train.batch_size, data_gen).to(device)
+        x = to_device(task.sample_batch(cfg.train.batch_size, data_gen), torch.device(device))
         with autocast:
             loss, _, _ = train_step(model, x, cfg, gen, 0.5)
         opt.zero_grad(set_to_none=True)
@@ -92,6 +95,33 @@ def time_variants(variants: dict[str, Callable[[], None]], steps: int, warmup: i
     return out
 
 
+def profile_step(step: Callable[[], None], n: int, device: str, path: str) -> dict[str, float]:
+    """torch.profiler over `n` steps (each ends synchronised): ops and kernels per step, host wall per step, and
+    the summed kernel time over the wall time (near 1: the GPU is the bottleneck; small: the host is)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+    wall = time.perf_counter() - t0  # includes the profiler's own overhead
+    ev = prof.key_averages()
+    out = {"profile_steps": n, "profiled_ms_per_step": round(wall / n * 1e3, 2),
+           "aten_ops_per_step": round(sum(e.count for e in ev if e.key.startswith("aten::")) / n, 1)}  # fmt: skip
+    sort = "self_cpu_time_total"
+    if device.startswith("cuda"):
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+        out |= {"cuda_kernels_per_step": round(len(kernels) / n, 1),
+                "gpu_busy_fraction": round(busy_us * 1e-6 / wall, 3)}  # fmt: skip
+        sort = "self_device_time_total"
+    with open(path, "w") as f:
+        f.write(json.dumps(out) + "\n" + ev.table(sort_by=sort, row_limit=40) + "\n")
+        f.write(ev.table(sort_by="count", row_limit=25) + "\n")
+    return out
+
+
 def cli_times() -> dict[str, float]:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "spd.cli", "--help"], check=True, capture_output=True)
@@ -113,6 +143,8 @@ def main() -> None:
     p.add_argument("--reuse", choices=["on", "off", "both"], default="on",
                    help="masked passes take the outputs of modules before the first replaced one from the clean "
                    "pass (on, the default), recompute them (off), or time both ('MODE/noreuse')")  # fmt: skip
+    p.add_argument("--profile", metavar="FILE", help="also profile the first variant; op table to FILE")
+    p.add_argument("--profile-steps", type=int, default=5)
     args = p.parse_args()
     overrides = (
         args.set if args.set is not None else (["target.kwargs.train_steps=2000"] if "tms" in args.config else [])
@@ -131,6 +163,8 @@ def main() -> None:
             key = mode if reuse else f"{mode}/noreuse"
             variants[key] = make_step(mode, args.device, args.config, overrides, reuse)
     out |= time_variants(variants, args.steps, args.warmup, args.rounds)
+    if args.profile:
+        out["profile"] = profile_step(next(iter(variants.values())), args.profile_steps, args.device, args.profile)
     out |= cli_times()
     print(json.dumps(out, indent=2))
 

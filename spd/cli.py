@@ -140,7 +140,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from spd.run import load_run
 
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, args.device)
     if args.save and run.checkpoint_step is not None:
         print(
             f"error: {args.run_dir} is unfinished (its latest checkpoint is step {run.checkpoint_step}); --save writes "
@@ -293,6 +293,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from spd.ablate import Rule, Selection, mechanism_members, parse_members
     from spd.mechanisms import load_grouping
     from spd.run import load_run
+    from spd.task import to_device
     from spd.unlearning import load_data, markdown, unlearning_study, write_study
 
     run_dir = Path(args.run_dir)
@@ -308,7 +309,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         raise ValueError("give either --ids or --mechanisms, not both")
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = load_run(run_dir)
+    run = load_run(run_dir, args.device)
     grouping = load_grouping(args.grouping) if args.grouping else None
     selection = None
     if args.ids:
@@ -319,6 +320,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         selection = Selection(members, {"kind": "mechanisms", "names": args.mechanisms, "grouping": grouping.params})
     forget = load_data(args.forget, run.task.subsets, args.n, run.config.seed)
     retain = load_data(args.retain, run.task.subsets, args.n, run.config.seed + 1)
+    forget, retain = to_device(forget, run.device), to_device(retain, run.device)
     rule = Rule(args.threshold if args.threshold is not None else run.config.eval.ci_threshold, args.forget_min,
                 args.retain_max, args.min_ratio)  # fmt: skip
     study = unlearning_study(
@@ -347,6 +349,7 @@ def cmd_group(args: argparse.Namespace) -> int:
     from spd.compare import target_fingerprint
     from spd.mechanisms import compare_groupings, group_model, grouping_path, module_inputs, save_result
     from spd.run import load_run
+    from spd.task import to_device
 
     dirs = [Path(d) for d in args.run_dirs]
     for d in dirs:  # refuse before any work is done
@@ -355,7 +358,7 @@ def cmd_group(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{out} exists; nothing was overwritten (pass --force to replace it)")
     done = []
     for d in dirs:
-        run = load_run(d)
+        run = load_run(d, args.device)
         ev = run.config.eval
         t0 = time.perf_counter()
         res = group_model(
@@ -386,7 +389,7 @@ def cmd_group(args: argparse.Namespace) -> int:
             if target_fingerprint(da) != target_fingerprint(db):
                 print(f"stability: {da} and {db} decompose different targets; not compared")
                 continue
-            x = ra.task.sample_batch(2048, torch.Generator().manual_seed(0))
+            x = to_device(ra.task.sample_batch(2048, torch.Generator().manual_seed(0)), ra.device)
             cmp = compare_groupings(a["mdl"], ra.model, b["mdl"], rb.model, module_inputs(ra.model, x))
             pairs.append({"a": str(da), "b": str(db), **cmp})
             print(f"stability {da.name} vs {db.name}: {cmp['mechanisms_a']} vs {cmp['mechanisms_b']} mechanisms; "
@@ -411,6 +414,12 @@ def cmd_toy(args: argparse.Namespace) -> int:
         return 2
     rest = args.toy_args[1:] if args.toy_args[:1] == ["--"] else args.toy_args
     return int(toy_cli.main(rest))
+
+
+DEVICE_HELP = (
+    "where to load the run: cpu, cuda, cuda:1 ... (default auto: the run's train.device if this machine has it, "
+    "else cpu)"
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -443,6 +452,7 @@ def parser() -> argparse.ArgumentParser:
         "--save", action="store_true",
         help="write the results as the run's eval.json (the one report/compare read); the old one is kept",
     )  # fmt: skip
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.set_defaults(fn=cmd_eval)
     d = sub.add_parser("degrade", help="write a naturally degraded (SGLD) copy of a target at a chosen loss")
     d.add_argument("target", help="a run config (YAML) or a run directory")
@@ -511,6 +521,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="data and restart seed (default: the run's seed)")
     g.add_argument("--force", action="store_true", help="replace an existing grouping-alpha<A>.json")
     g.add_argument("--stability-out", help="write the pairwise stability table (JSON) here")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.set_defaults(fn=cmd_group)
     a = sub.add_parser(
         "ablate",
@@ -538,6 +549,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--ga-lr", type=float, default=1e-3, help="gradient-ascent baseline: Adam learning rate")
     a.add_argument("--ga-steps", type=int, default=2000, help="gradient-ascent baseline: most steps")
     a.add_argument("--threads", type=int, help="torch threads")
+    a.add_argument("--device", default="auto", help=DEVICE_HELP)
     a.add_argument("--no-honest-scale", action="store_true", help="leave out the honest-scale section")
     a.add_argument("--no-natural", action="store_true", help="honest scale without the SGLD natural degradation")
     a.add_argument("--out", help="output directory (default RUN_DIR/ablations/<forget>-vs-<retain>)")

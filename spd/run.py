@@ -31,6 +31,11 @@ class Run:
     path: Path | None = None
     checkpoint_step: int | None = None  # set when loaded from a checkpoint of an unfinished run
 
+    @property
+    def device(self) -> torch.device:
+        """Where the decomposition's parameters are."""
+        return next(self.model.parameters()).device
+
     def evaluate(self) -> dict[str, Any]:
         """Evaluation results plus `diagnostics`: warnings (strings) about this run, empty when none fire."""
         c = self.config
@@ -202,10 +207,25 @@ def resume(run_dir: str | Path, progress: bool = True, task: Task | None = None)
     return run, _finish(run, log, time.perf_counter() - t0) if main else {}
 
 
+def run_device(train_device: str, requested: str = "auto") -> str:
+    """The device to load a run on: `requested`, or with "auto" the run's train.device where this machine has it
+    (a CUDA run inspected on a machine without CUDA loads on the CPU)."""
+    if requested != "auto":
+        if torch.device(requested).type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {requested!r} was asked for but CUDA is not available here; use --device cpu")
+        return requested
+    if torch.device(train_device).type == "cuda" and not torch.cuda.is_available():
+        return "cpu"
+    return train_device
+
+
 def load_run(run_dir: str | Path, device: str = "cpu", task: Task | None = None) -> Run:
     """Load a finished run (or its last checkpoint if it has no final model) without network or pickle; `task`
-    for runs decomposed from a model in memory (`decompose(..., task=...)`)."""
+    for runs decomposed from a model in memory (`decompose(..., task=...)`). `device="auto"`: the run's
+    train.device where this machine has it, else the CPU (what `spd eval`, `spd ablate` and `spd group` use)."""
     path = Path(run_dir)
+    if device != "cpu" and (path / io.CONFIG).is_file():
+        device = run_device(load_config(path / io.CONFIG).train.device, device)
     cfg, task, model = _load_parts(path, device, task)
     step = None
     if (path / io.MODEL).is_file():

@@ -131,3 +131,31 @@ def test_eval_save_refuses_an_unfinished_run(tmp_path, capsys):
     assert main(["eval", str(out), "--save"]) == 2
     assert "unfinished" in capsys.readouterr().err
     assert not (out / "eval.json").exists()
+
+
+def test_eval_loads_a_gpu_run_where_it_can(tmp_path, capsys, monkeypatch):
+    """`spd eval/ablate/group` load a run on its train.device when this machine has it (a GPU run evaluated on the
+    GPU machine ran on the CPU before and timed out), on the CPU when not, and refuse a --device that is missing."""
+    from spd import run as run_mod
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_tms_config()))
+    out = tmp_path / "run"
+    assert main(["train", str(cfg_path), "--out", str(out), "--quiet", "--set", "train.steps=4"]) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["train"]["device"] = "cuda"  # as if trained on a GPU
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_mod.run_device("cuda") == "cpu" and run_mod.run_device("cpu") == "cpu"
+    assert run_mod.run_device("cuda", "cpu") == "cpu"
+    assert run_mod.load_run(out, "auto").device.type == "cpu"
+    assert main(["eval", str(out), "--json", "--no-honest-scale"]) == 0
+    assert "recon/ci" in json.loads(capsys.readouterr().out)
+    assert main(["eval", str(out), "--json", "--device", "cuda"]) == 2
+    assert "CUDA is not available here; use --device cpu" in capsys.readouterr().err
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_mod.run_device("cuda") == "cuda" and run_mod.run_device("cuda:1") == "cuda:1"
+    assert run_mod.run_device("cuda", "cpu") == "cpu"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 3, 7 and 8, run ON the device machine in two calls (benchmarks/device/README.md):
 #   bash benchmarks/device/run.sh 1   ResidMLP 1 on the GPU: the shipped config's recovery of seed 0 and its wall
-#                                     time (issue 3's H100 yardstick; T1 seconds at most, default 200); keeps the first
+#                                     time (issue 3's H100 yardstick; T1 seconds at most, default 300), step times and a
+#                                     profile at batch 2048 (bench_step --profile); keeps the first
 #                                     half of the SmolLM2 GGUF in /tmp/smol for call 2
 #   bash benchmarks/device/run.sh 2   SmolLM2-135M: step throughput (lm_step: tokens/s, peak memory, fraction of
 #                                     bf16 peak), a decomposition in the time left, its eval, and the digits ablation
@@ -14,7 +15,7 @@ mkdir -p "$OUT"
 PY=${PY:-python3}
 DEV=${SPD_DEVICE:-cuda}
 QUICK=${QUICK:-0}
-BUDGET=${BUDGET:-150}  # part 2: seconds for the SmolLM2 decomposition itself
+BUDGET=${BUDGET:-100}  # part 2: seconds for the SmolLM2 decomposition itself
 export PYTHONUNBUFFERED=1 SPD_CACHE=${SPD_CACHE:-/tmp/spd-cache}
 if [ "${SKIP_WHEELS:-0}" != 1 ] && compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -29,10 +30,21 @@ log() { echo "[$(date +%T)] $*" | tee -a "$OUT/run$PART.log"; }
 
 if [ "$PART" = 1 ]; then
     mkdir -p /tmp/smol && cp .device/a/* /tmp/smol/ 2>/dev/null && log "stashed $(ls /tmp/smol | tr '\n' ' ')"
+    # Per-step time beside the reference's (18 ms/step on an H100 for ResidMLP 1 at C 100, batch 2048), with a
+    # profile (ops and kernels per step, GPU busy fraction: is the step waiting on the host?), and the ResidMLP 2
+    # paper config's step (C 400, batch 2048), to size its 5-seed runs; T2 seconds at most each.
+    bench=(--steps 200 --warmup 20 --modes compile --device "$DEV")
+    [ "$QUICK" = 1 ] && bench=(--steps 2 --warmup 1 --modes compile --device "$DEV")
+    for cfg in resid_mlp1 resid_mlp2; do
+        log "bench_step $cfg batch 2048"
+        prof=(); [ $cfg = resid_mlp1 ] && prof=(--profile "$OUT/profile_resid_mlp1_$DEV.txt")
+        timeout "${T2:-45}" "$PY" benchmarks/bench_step.py --config "configs/$cfg.yaml" --set train.batch_size=2048 \
+            "${bench[@]}" "${prof[@]}" 2>&1 | grep -v Warning | tee -a "$OUT/run1.log" | tail -3
+    done
     rec=()
     [ "$QUICK" = 1 ] && rec=(--set train.steps=50 --set train.checkpoint_every=1000000)
     log "recovery ResidMLP 1 seed 0 (shipped config)"
-    timeout "${T1:-200}" "$PY" benchmarks/recovery.py configs/resid_mlp1.yaml --seeds 0 --set "train.device=$DEV" "${rec[@]}" \
+    timeout "${T1:-300}" "$PY" benchmarks/recovery.py configs/resid_mlp1.yaml --seeds 0 --set "train.device=$DEV" "${rec[@]}" \
         --runs-dir /tmp/runs --json-out "$OUT/recovery_resid_mlp1_$DEV.json" >> "$OUT/run1.log" 2>&1
     log "recovery rc $?"
     cp /tmp/runs/resid_mlp1-seed0/metrics.jsonl "$OUT/metrics_resid_mlp1_$DEV.jsonl"  # step times, also when cut off
