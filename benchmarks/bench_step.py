@@ -95,22 +95,27 @@ def time_variants(variants: dict[str, Callable[[], None]], steps: int, warmup: i
     return out
 
 
-def profile_step(step: Callable[[], None], n: int, device: str, path: str) -> dict[str, float]:
-    """torch.profiler over `n` steps (each ends synchronised): ops and kernels per step, host wall per step, and
-    the summed kernel time over the wall time (near 1: the GPU is the bottleneck; small: the host is)."""
+def profile_step(step: Callable[[], object], n: int, device: str, path: str) -> dict[str, float]:
+    """torch.profiler over `n` steps: ops and kernels per step, host wall per step, and the summed kernel time over
+    the wall time (near 1: the GPU is the bottleneck; small: the host is). Also used by lm_step.py."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    cuda = device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
         for _ in range(n):
             step()
+        if cuda:
+            torch.cuda.synchronize()
     wall = time.perf_counter() - t0  # includes the profiler's own overhead
     ev = prof.key_averages()
     out = {"profile_steps": n, "profiled_ms_per_step": round(wall / n * 1e3, 2),
            "aten_ops_per_step": round(sum(e.count for e in ev if e.key.startswith("aten::")) / n, 1)}  # fmt: skip
     sort = "self_cpu_time_total"
-    if device.startswith("cuda"):
+    if cuda:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy_us = sum(e.time_range.elapsed_us() for e in kernels)
         out |= {"cuda_kernels_per_step": round(len(kernels) / n, 1),

@@ -2,7 +2,7 @@
 the fraction of the device's bf16 peak FLOP/s the step achieves.
 
     python benchmarks/lm_step.py [--config configs/smollm2.yaml] [--set k=v ...] [--steps 20] [--warmup 3]
-                                 [--peak-tflops T] [--out benchmarks/results/lm_step_<device>.json]
+                                 [--peak-tflops T] [--out benchmarks/results/lm_step_<device>.json] [--profile F]
 
 One training step is timed exactly as `spd train` runs it (data, CI function, every loss, backward, AdamW), under
 the config's bf16 setting. FLOPs are counted once with torch.utils.flop_counter.FlopCounterMode over a whole step
@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", metavar="FILE", help="then profile one step (bench_step.profile_step); table to FILE")
     args = p.parse_args()
 
     cfg = load_config(args.config, args.set)
@@ -113,6 +114,12 @@ def main() -> None:
     dest = Path(args.out or f"benchmarks/results/lm_step_{'cuda' if cuda else 'cpu'}.json")
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(out, indent=2) + "\n")
+    if args.profile:  # after the results are written: the profiler's own bookkeeping can be slow on a busy CPU
+        from bench_step import profile_step  # benchmarks/ is this script's directory
+
+        out["profile"] = profile_step(step, 1, device.type, args.profile)
+        print(json.dumps(out["profile"]))
+        dest.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ if [ "$QUICK" = 1 ]; then
 fi
 log "lm_step"
 timeout 150 "$PY" benchmarks/lm_step.py --config configs/smollm2.yaml --set "${over[@]}" "${lm[@]}" \
-    --out "$OUT/lm_step_$DEV.json" >> "$OUT/run2.log" 2>&1
+    --out "$OUT/lm_step_$DEV.json" --profile "$OUT/profile_smollm2_$DEV.txt" >> "$OUT/run2.log" 2>&1
 log "lm_step rc $?"
 step_s=$("$PY" -c "import json; print(json.load(open('$OUT/lm_step_$DEV.json'))['seconds_per_step'])" 2>/dev/null || echo 1)
 steps=$("$PY" -c "print(max(10, min($train_steps, int($BUDGET / ($step_s * 1.15)))))")
