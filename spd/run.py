@@ -169,6 +169,8 @@ def _load_parts(path: Path, device: str | None = None, task: Task | None = None)
     if not (path / io.CONFIG).is_file():
         raise FileNotFoundError(f"{str(path)!r} is not a run directory (no {io.CONFIG})")
     cfg = load_config(path / io.CONFIG)
+    if device is not None:  # "auto", or a device checked against this machine
+        device = run_device(cfg.train.device, device)
     state = io.load_tensors(path / io.TARGET) if (path / io.TARGET).is_file() else None
     if task is None:
         task = build_task(cfg.target.factory, cfg.target.kwargs, cfg.seed, state)
@@ -224,8 +226,6 @@ def load_run(run_dir: str | Path, device: str = "cpu", task: Task | None = None)
     for runs decomposed from a model in memory (`decompose(..., task=...)`). `device="auto"`: the run's
     train.device where this machine has it, else the CPU (what `spd eval`, `spd ablate` and `spd group` use)."""
     path = Path(run_dir)
-    if device != "cpu" and (path / io.CONFIG).is_file():
-        device = run_device(load_config(path / io.CONFIG).train.device, device)
     cfg, task, model = _load_parts(path, device, task)
     step = None
     if (path / io.MODEL).is_file():
