@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 3, 7 and 8, run ON the device machine in two calls (benchmarks/device/README.md):
-#   bash benchmarks/device/run.sh 1   ResidMLP 1 on the GPU: the shipped config's recovery of seed 0 and its wall
-#                                     time (issue 3's H100 yardstick; T1 seconds at most, default 300), step times and a
-#                                     profile at batch 2048 (bench_step --profile); keeps the first
-#                                     half of the SmolLM2 GGUF in /tmp/smol for call 2
-#   bash benchmarks/device/run.sh 2   SmolLM2-135M: step throughput (lm_step: tokens/s, peak memory, fraction of
-#                                     bf16 peak), a decomposition in the time left, its eval, and the digits ablation
+# The GPU checks of issues 3, 7 and 8, run ON the device machine in two or three calls (benchmarks/device/README.md):
+#   bash benchmarks/device/run.sh 1   a ResidMLP 1 step profile at batch 2048 (bench_step --profile), then starts, in
+#                                     the background (setsid: they outlive the call and run on through call 2),
+#                                     ResidMLP 1's shipped config (seed 0, issue 3's GPU yardstick) and ResidMLP 3 on
+#                                     the CPU recipe + tail (seed 0); keeps the first half of SmolLM2's GGUF in /tmp/smol
+#   bash benchmarks/device/run.sh 2   SmolLM2-135M: a decomposition of BUDGET seconds of steps (its final evaluation:
+#                                     eval_smollm2_*.json), the digits ablation with both baselines, then collects the
+#                                     background runs (bg.tar.gz)
+#   bash benchmarks/device/run.sh 3   (if time is left) waits for the background runs and collects them again
 # Results go to $OUT (at most 8 files come back). Here: SPD_DEVICE=cpu QUICK=1 SKIP_WHEELS=1 PY=.venv/bin/python
 # runs the same flow, tiny (the wheels are for the device image's Python 3.12).
 set -uo pipefail
-PART=${1:?usage: run.sh 1|2}
+PART=${1:?usage: run.sh 1|2|3}
 OUT=${OUT:-/tmp/spd-device-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 DEV=${SPD_DEVICE:-cuda}
 QUICK=${QUICK:-0}
-BUDGET=${BUDGET:-100}  # part 2: seconds for the SmolLM2 decomposition itself
-export PYTHONUNBUFFERED=1 SPD_CACHE=${SPD_CACHE:-/tmp/spd-cache}
+BUDGET=${BUDGET:-280}    # part 2: seconds of SmolLM2 decomposition steps
+STEP_S=${STEP_S:-1.0}    # part 2: seconds per step assumed (0.75-0.85 alone on the H200; the background runs share it)
+BG=${BG:-/tmp/bg}
+START=$(date +%s)
+CALL_S=${CALL_S:-600}    # part 2: the call's timeout_s; the ablation and the wait for the background runs fit inside
+export PYTHONUNBUFFERED=1 SPD_CACHE=${SPD_CACHE:-/tmp/spd-cache} SPD_TARGET_CACHE=${SPD_TARGET_CACHE:-$PWD/.device/targets}
 if [ "${SKIP_WHEELS:-0}" != 1 ] && compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
@@ -30,28 +36,50 @@ log() { echo "[$(date +%T)] $*" | tee -a "$OUT/run$PART.log"; }
 
 if [ "$PART" = 1 ]; then
     mkdir -p /tmp/smol && cp .device/a/* /tmp/smol/ 2>/dev/null && log "stashed $(ls /tmp/smol | tr '\n' ' ')"
-    # Per-step time beside the reference's (18 ms/step on an H100 for ResidMLP 1 at C 100, batch 2048), with a
-    # profile (ops and kernels per step, GPU busy fraction: is the step waiting on the host?), and the ResidMLP 2
-    # paper config's step (C 400, batch 2048), to size its 5-seed runs; T2 seconds at most each.
+    # The step beside the reference's (18 ms/step on an H100 for ResidMLP 1 at C 100, batch 2048), with a profile:
+    # ops and kernels per step, the GPU's busy fraction (is the step waiting on the host?). Alone on the GPU.
     bench=(--steps 200 --warmup 20 --modes compile --device "$DEV")
     [ "$QUICK" = 1 ] && bench=(--steps 2 --warmup 1 --modes compile --device "$DEV")
-    for cfg in resid_mlp1 resid_mlp2; do
-        log "bench_step $cfg batch 2048"
-        prof=(); [ $cfg = resid_mlp1 ] && prof=(--profile "$OUT/profile_resid_mlp1_$DEV.txt")
-        timeout "${T2:-45}" "$PY" benchmarks/bench_step.py --config "configs/$cfg.yaml" --set train.batch_size=2048 \
-            "${bench[@]}" "${prof[@]}" 2>&1 | grep -v Warning | tee -a "$OUT/run1.log" | tail -3
-    done
-    rec=()
-    [ "$QUICK" = 1 ] && rec=(--set train.steps=50 --set train.checkpoint_every=1000000)
-    log "recovery ResidMLP 1 seed 0 (shipped config)"
-    timeout "${T1:-300}" "$PY" benchmarks/recovery.py configs/resid_mlp1.yaml --seeds 0 --set "train.device=$DEV" "${rec[@]}" \
-        --runs-dir /tmp/runs --json-out "$OUT/recovery_resid_mlp1_$DEV.json" >> "$OUT/run1.log" 2>&1
-    log "recovery rc $?"
-    cp /tmp/runs/resid_mlp1-seed0/metrics.jsonl "$OUT/metrics_resid_mlp1_$DEV.jsonl"  # step times, also when cut off
+    log "bench_step resid_mlp1 batch 2048 --profile"
+    timeout "${T2:-50}" "$PY" benchmarks/bench_step.py --config configs/resid_mlp1.yaml --set train.batch_size=2048 \
+        "${bench[@]}" --profile "$OUT/profile_resid_mlp1_$DEV.txt" 2>&1 | grep -v Warning | tee -a "$OUT/run1.log" | tail -3
+    rm -rf "$BG" && mkdir -p "$BG"
+    q1=(); q3=(); t3=()
+    if [ "$QUICK" = 1 ]; then
+        q1=(--set train.steps=50 --set train.checkpoint_every=1000000)
+        q3=(--set train.steps=40); t3=(--set train.steps=20)
+    fi
+    # ResidMLP 3 on ResidMLP 2's CPU recipe (C 150 per matrix, batch 512, 28k steps, wsd 2e-3; the config's beta 5e-6)
+    # and its 4000-step tail (LR 5e-4 linear, p 2 -> 1 over the first half): recovery_resid_mlp2_cpu_tail.json.
+    recipe=(--set train.batch_size=512 --set train.steps=28000 --set "train.lr={peak: 2.0e-3, schedule: wsd, decay_frac: 0.15}"
+            --set "decomposition.modules=[{pattern: layers.*.mlp_in, C: 150}, {pattern: layers.*.mlp_out, C: 150}]"
+            --set train.checkpoint_every=4000 --set "train.device=$DEV" --set train.threads=4)
+    tail=(--set "train.init_from=$BG/runs3/resid_mlp3-seed{seed}" --set train.steps=4000
+          --set "train.lr={peak: 5.0e-4, schedule: linear}" --set losses.2.p_final=1.0 --set losses.2.p_anneal_end=0.5
+          --set train.faithfulness_warmup.steps=0)
+    setsid nohup "$PY" benchmarks/recovery.py configs/resid_mlp1.yaml --seeds 0 --set "train.device=$DEV" \
+        --set train.threads=4 "${q1[@]}" \
+        --runs-dir "$BG/runs1" --json-out "$BG/recovery_resid_mlp1_$DEV.json" > "$BG/resid_mlp1.log" 2>&1 < /dev/null &
+    setsid nohup bash -c "'$PY' benchmarks/recovery.py configs/resid_mlp3.yaml --seeds 0 ${recipe[*]@Q} ${q3[*]@Q} \
+        --runs-dir $BG/runs3 --json-out $BG/recovery_resid_mlp3_$DEV.json && \
+        '$PY' benchmarks/recovery.py configs/resid_mlp3.yaml --seeds 0 ${recipe[*]@Q} ${tail[*]@Q} ${t3[*]@Q} \
+        --runs-dir $BG/tail3 --json-out $BG/recovery_resid_mlp3_tail_$DEV.json" > "$BG/resid_mlp3.log" 2>&1 < /dev/null &
+    sleep 5
+    log "background runs started: $(pgrep -fc recovery.py) recovery processes"
+    exit 0
+fi
+if [ "$PART" = 3 ]; then  # a last call on the still-warm machine: wait for the background runs, collect them
+    while pgrep -f recovery.py > /dev/null && [ "$(date +%s)" -lt "$((START + CALL_S - 10))" ]; do sleep 5; done
+    log "background recovery processes still running: $(pgrep -fc recovery.py)"
+    tar czf "$OUT/bg.tar.gz" -C "$BG" --exclude='*.safetensors' --exclude='checkpoint*' . 2>/dev/null
     exit 0
 fi
 
 # ---- part 2: SmolLM2 ---------------------------------------------------------------------------------------
+collect() {  # the background runs' logs, results and metrics so far, as one file
+    tar czf "$OUT/bg.tar.gz" -C "$BG" --exclude='*.safetensors' --exclude='checkpoint*' . 2>/dev/null
+    log "collected $(tar tzf "$OUT/bg.tar.gz" 2>/dev/null | wc -l) background files"
+}
 name=$(cut -d' ' -f3 .device/b/SHA256)
 gguf=/tmp/smol/$name
 if [ ! -f "$gguf" ]; then
@@ -59,34 +87,36 @@ if [ ! -f "$gguf" ]; then
 fi
 (cd /tmp/smol && sha256sum -c -) < .device/b/SHA256 >> "$OUT/run2.log" 2>&1 || { log "GGUF checksum mismatch"; exit 1; }
 over=("target.kwargs.model=$gguf" "train.device=$DEV")
-lm=(--steps 20 --warmup 3); train_steps=2000; ablate_n=512; ga=200
+train_steps=2000; ablate_n=512; ga=200
 if [ "$QUICK" = 1 ]; then
     over+=("train.batch_size=2" "train.faithfulness_warmup.steps=2" "eval.batch_size=2" "eval.n_batches=1"
          "eval.adversarial.n_steps=2")
-    lm=(--steps 1 --warmup 1); ablate_n=16; ga=5
+    ablate_n=16; ga=5
 fi
-log "lm_step"
-timeout 150 "$PY" benchmarks/lm_step.py --config configs/smollm2.yaml --set "${over[@]}" "${lm[@]}" \
-    --out "$OUT/lm_step_$DEV.json" --profile "$OUT/profile_smollm2_$DEV.txt" >> "$OUT/run2.log" 2>&1
-log "lm_step rc $?"
-step_s=$("$PY" -c "import json; print(json.load(open('$OUT/lm_step_$DEV.json'))['seconds_per_step'])" 2>/dev/null || echo 1)
-steps=$("$PY" -c "print(max(10, min($train_steps, int($BUDGET / ($step_s * 1.15)))))")
+steps=$("$PY" -c "print(max(10, min($train_steps, int($BUDGET / $STEP_S))))")
 [ "$QUICK" = 1 ] && steps=3
-log "train $steps steps (${step_s} s/step measured)"
+log "train $steps steps (${STEP_S} s/step assumed)"
 rm -rf /tmp/runs/smollm2
-tset=(); for o in "${over[@]}" "train.steps=$steps" "train.checkpoint_every=100000" "train.log_every=$((steps / 20 + 1))"; do
+tset=(); for o in "${over[@]}" "train.steps=$steps" "train.checkpoint_every=$((steps / 4 + 1))" \
+         "train.log_every=$((steps / 20 + 1))"; do
     tset+=(--set "$o")
 done
-timeout $((BUDGET + 120)) "$PY" -m spd.cli train configs/smollm2.yaml "${tset[@]}" --out /tmp/runs/smollm2 \
+timeout $((BUDGET + 220)) "$PY" -m spd.cli train configs/smollm2.yaml "${tset[@]}" --out /tmp/runs/smollm2 \
     >> "$OUT/run2.log" 2>&1
 log "train rc $?"
-timeout 100 "$PY" -m spd.cli eval /tmp/runs/smollm2 --json --no-natural > "$OUT/eval_smollm2_$DEV.json" \
-    2>> "$OUT/run2.log"
-log "eval rc $?"
-timeout 150 "$PY" -m spd.cli ablate /tmp/runs/smollm2 --forget next:digits --retain next-not:digits --n $ablate_n \
-    --ga-steps $ga --no-natural --out /tmp/runs/smollm2/ablate >> "$OUT/run2.log" 2>&1
-log "ablate rc $?"
 cp /tmp/runs/smollm2/metrics.jsonl "$OUT/metrics_smollm2_$DEV.jsonl"
-cp /tmp/runs/smollm2/ablate/*.md "$OUT/" 2>/dev/null
-cp /tmp/runs/smollm2/ablate/*.json "$OUT/" 2>/dev/null
-ls "$OUT" >> "$OUT/run2.log"
+cp /tmp/runs/smollm2/eval.json "$OUT/eval_smollm2_$DEV.json" 2>/dev/null
+collect
+left=$((START + CALL_S - 25 - $(date +%s)))  # ablate from the last checkpoint if train was cut off
+log "ablate (at most $left s)"
+timeout "$left" "$PY" -m spd.cli ablate /tmp/runs/smollm2 --forget next:digits --retain next-not:digits \
+    --n $ablate_n --ga-steps $ga --no-natural --out /tmp/runs/smollm2/ablate >> "$OUT/run2.log" 2>&1
+log "ablate rc $?"
+tar czf "$OUT/ablate.tar.gz" -C /tmp/runs/smollm2/ablate --exclude='*.safetensors' --exclude='model*' . 2>/dev/null
+log "ablate files: $(tar tzf "$OUT/ablate.tar.gz" 2>/dev/null | tr '\n' ' ')"
+# the background runs: wait for them until 15 s before the call's end, then take what there is
+while pgrep -f recovery.py > /dev/null && [ "$(date +%s)" -lt "$((START + CALL_S - 15))" ]; do sleep 5; done
+log "background recovery processes still running: $(pgrep -fc recovery.py)"
+collect
+nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv >> "$OUT/run2.log" 2>&1
+ls -la "$OUT" >> "$OUT/run2.log"
