@@ -1,7 +1,8 @@
 """Per-step time of a decomposition config (default TMS 5-2: C 20, batch 4096, the shipped config's losses).
 
     python benchmarks/bench_step.py [--config configs/tms_5-2.yaml] [--set k=v ...] [--steps 200]
-                                    [--modes eager compile compile_unfused bf16 compile_bf16] [--device cpu|cuda]
+                                    [--modes eager compile compile_unfused bf16 compile_bf16 graph graph_static]
+                                    [--device cpu|cuda]
 
 Times `--steps` full training steps (data, CI, all losses, backward, AdamW) after `--warmup` steps, for each
 mode, and prints ms/step and steps/s, plus the time to import spd and to answer `spd --help`. With `--rounds R`
@@ -10,6 +11,11 @@ the clean-pass reuse of `spd.reuse`, for before/after figures on one loaded host
 `--profile-steps` steps of the first variant with torch.profiler (CUDA kernels too on a GPU) and writes its op
 table to FILE, with the op and kernel counts per step and the busy fraction of the GPU: where a step waits on the
 host (launches, Python) rather than on arithmetic.
+`graph` (CUDA only) is the `compile` step captured once as a CUDA graph and replayed: the batch is sampled on the
+CPU as in training and copied into the graph's input, AdamW is capturable with its learning rate a device tensor;
+`graph_static` replays the same batch (no sampling: the GPU's own time per step). What a trainer using graphs would
+approach; the trainer itself does not capture yet. Each reports the mean loss over its timed steps (it must fall and
+stay finite, as in `compile`).
 Yardsticks (the public reference implementation, same configs): TMS 5-2 31 ms/step fp32 and 143 ms/step with
 its default bf16 autocast on a 2-core CPU, 16.6 ms/step on an H100; ResidMLP 1 220 ms/step fp32 and 3.2 s/step
 bf16 on the 2-core CPU, 18 ms/step on an H100.
@@ -25,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -35,7 +42,7 @@ from spd.train import build_optimizer, compile_ci_function, train_step
 
 # bf16: autocast (train.bf16); compile: the CI function (spd.train.compile_ci_function); compile_unfused: the CI
 # function compiled as a whole module, inductor deriving its backward (what compile did before spd.ci._Kernels)
-MODES = ["eager", "compile", "compile_unfused", "bf16", "compile_bf16"]
+MODES = ["eager", "compile", "compile_unfused", "bf16", "compile_bf16", "graph", "graph_static"]
 
 
 def make_step(mode: str, device: str, config: str, overrides: list[str], reuse: bool = True) -> Callable[[], None]:
@@ -52,6 +59,8 @@ def make_step(mode: str, device: str, config: str, overrides: list[str], reuse: 
         nets = getattr(model.ci_fn, "nets", None)
         for net in nets.values() if nets is not None else [model.ci_fn]:
             net.compile(dynamic=False)
+    if mode.startswith("graph"):
+        return _graph_step(cfg, task, model, device, data_gen, static=mode == "graph_static")
     opt = build_optimizer(model, cfg)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=mode.endswith("bf16"))
 
@@ -65,6 +74,54 @@ def make_step(mode: str, device: str, config: str, overrides: list[str], reuse: 
         if device == "cuda":
             torch.cuda.synchronize()
 
+    return step
+
+
+def _graph_step(cfg: Any, task: Any, model: Any, device: str, data_gen: torch.Generator, static: bool
+                ) -> Callable[[], None]:  # fmt: skip
+    """The compiled training step captured as one CUDA graph (see the module docstring)."""
+    if not device.startswith("cuda"):
+        raise ValueError("--modes graph and graph_static need --device cuda")
+    compile_ci_function(model)
+    params = [p for n, p in model.named_parameters() if not n.startswith("target.")]
+    lr = torch.tensor(cfg.train.lr.peak, device=device)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True, capturable=True)
+    dev = torch.device(device)
+    x = to_device(task.sample_batch(cfg.train.batch_size, data_gen), dev)
+    graph = torch.cuda.CUDAGraph()
+    gen: torch.Generator | None = torch.Generator(device=device).manual_seed(0)
+    if hasattr(graph, "register_generator_state"):
+        graph.register_generator_state(gen)
+    else:  # older torch: only the default CUDA generator may draw inside a capture
+        gen = None
+    loss_out: list[torch.Tensor] = []
+
+    def body() -> torch.Tensor:
+        loss, _, _ = train_step(model, x, cfg, gen, 0.5)  # type: ignore[arg-type]
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up steps (compilation, lazily built state) outside the capture
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)  # the captured backward then writes the gradients afresh on every replay
+    with torch.cuda.graph(graph):
+        loss_out.append(body())
+    losses: list[torch.Tensor] = []
+
+    def step() -> None:
+        if not static:
+            x.copy_(task.sample_batch(cfg.train.batch_size, data_gen), non_blocking=True)
+        graph.replay()
+        losses.append(loss_out[0].clone())
+        torch.cuda.synchronize()
+
+    step.losses = losses  # type: ignore[attr-defined]
     return step
 
 
@@ -166,8 +223,19 @@ def main() -> None:
     for mode in args.modes:
         for reuse in {"on": [True], "off": [False], "both": [True, False]}[args.reuse]:
             key = mode if reuse else f"{mode}/noreuse"
-            variants[key] = make_step(mode, args.device, args.config, overrides, reuse)
+            try:
+                variants[key] = make_step(mode, args.device, args.config, overrides, reuse)
+            except Exception as e:  # a mode this machine cannot run (e.g. a failed capture): say why, time the rest
+                if len(args.modes) == 1:
+                    raise
+                out[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
     out |= time_variants(variants, args.steps, args.warmup, args.rounds)
+    for k, step in variants.items():
+        if hasattr(step, "losses") and step.losses:  # graph modes: the replayed loss, first and last tenth
+            ls = torch.stack(step.losses).float().cpu()
+            n = max(1, len(ls) // 10)
+            out[k] |= {"loss_first": round(ls[:n].mean().item(), 6), "loss_last": round(ls[-n:].mean().item(), 6),
+                       "loss_finite": bool(torch.isfinite(ls).all())}  # fmt: skip
     if args.profile:
         out["profile"] = profile_step(next(iter(variants.values())), args.profile_steps, args.device, args.profile)
     out |= cli_times()

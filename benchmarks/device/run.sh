@@ -39,10 +39,19 @@ if [ "$PART" = 1 ]; then
     # The step beside the reference's (18 ms/step on an H100 for ResidMLP 1 at C 100, batch 2048), with a profile:
     # ops and kernels per step, the GPU's busy fraction (is the step waiting on the host?). Alone on the GPU.
     bench=(--steps 200 --warmup 20 --modes compile --device "$DEV")
-    [ "$QUICK" = 1 ] && bench=(--steps 2 --warmup 1 --modes compile --device "$DEV")
+    gbench=(--steps 500 --warmup 20 --device "$DEV")
+    [ "$QUICK" = 1 ] && bench=(--steps 2 --warmup 1 --modes compile --device "$DEV") && gbench=(--steps 2 --warmup 1 --device "$DEV")
     log "bench_step resid_mlp1 batch 2048 --profile"
     timeout "${T2:-50}" "$PY" benchmarks/bench_step.py --config configs/resid_mlp1.yaml --set train.batch_size=2048 \
         "${bench[@]}" --profile "$OUT/profile_resid_mlp1_$DEV.txt" 2>&1 | grep -v Warning | tee -a "$OUT/run1.log" | tail -3
+    # The same step captured as one CUDA graph and replayed (bench_step --modes graph: what the < 30 s yardstick
+    # needs), at the shipped batch 512 and at 2048, in processes of their own (a failed capture stays there).
+    for bs in 512 2048; do
+        log "bench_step resid_mlp1 batch $bs graph graph_static"
+        timeout "${T3:-75}" "$PY" benchmarks/bench_step.py --config configs/resid_mlp1.yaml \
+            --set train.batch_size=$bs --modes graph graph_static "${gbench[@]}" 2>&1 | grep -v Warning \
+            | tee -a "$OUT/run1.log" | tail -3
+    done
     rm -rf "$BG" && mkdir -p "$BG"
     q1=(); q3=(); t3=()
     if [ "$QUICK" = 1 ]; then
