@@ -11,11 +11,11 @@ the clean-pass reuse of `spd.reuse`, for before/after figures on one loaded host
 `--profile-steps` steps of the first variant with torch.profiler (CUDA kernels too on a GPU) and writes its op
 table to FILE, with the op and kernel counts per step and the busy fraction of the GPU: where a step waits on the
 host (launches, Python) rather than on arithmetic.
-`graph` (CUDA only) is the `compile` step captured once as a CUDA graph and replayed: the batch is sampled on the
-CPU as in training and copied into the graph's input, AdamW is capturable with its learning rate a device tensor;
-`graph_static` replays the same batch (no sampling: the GPU's own time per step). What a trainer using graphs would
-approach; the trainer itself does not capture yet. Each reports the mean loss over its timed steps (it must fall and
-stay finite, as in `compile`).
+`graph` (CUDA only) is the `compile` step as `train.cuda_graph` runs it (spd.graphs.GraphedStep: captured once as
+a CUDA graph and replayed; the batch is sampled on the CPU as in training and copied into the graph's input);
+`graph_static` feeds the same batch every step (no sampling: about the GPU's own time per step). Each reports the
+mean loss over the first and last tenth of its steps (finite, and falling) and whether the capture succeeded (a
+failed one falls back to eager steps).
 Yardsticks (the public reference implementation, same configs): TMS 5-2 31 ms/step fp32 and 143 ms/step with
 its default bf16 autocast on a 2-core CPU, 16.6 ms/step on an H100; ResidMLP 1 220 ms/step fp32 and 3.2 s/step
 bf16 on the 2-core CPU, 18 ms/step on an H100.
@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from spd.config import load_config
+from spd.graphs import GraphedStep
 from spd.run import build_model
 from spd.task import build_task, to_device
 from spd.train import build_optimizer, compile_ci_function, train_step
@@ -79,49 +80,34 @@ def make_step(mode: str, device: str, config: str, overrides: list[str], reuse: 
 
 def _graph_step(cfg: Any, task: Any, model: Any, device: str, data_gen: torch.Generator, static: bool
                 ) -> Callable[[], None]:  # fmt: skip
-    """The compiled training step captured as one CUDA graph (see the module docstring)."""
+    """The compiled training step as the trainer runs it with train.cuda_graph (spd.graphs.GraphedStep): eager
+    warm-up steps, then the captured graph replayed. `static`: the same batch every step (no sampling)."""
     if not device.startswith("cuda"):
         raise ValueError("--modes graph and graph_static need --device cuda")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"cuda_graph": True})})
     compile_ci_function(model)
-    params = [p for n, p in model.named_parameters() if not n.startswith("target.")]
-    lr = torch.tensor(cfg.train.lr.peak, device=device)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True, capturable=True)
-    dev = torch.device(device)
-    x = to_device(task.sample_batch(cfg.train.batch_size, data_gen), dev)
-    graph = torch.cuda.CUDAGraph()
-    gen: torch.Generator | None = torch.Generator(device=device).manual_seed(0)
-    if hasattr(graph, "register_generator_state"):
-        graph.register_generator_state(gen)
-    else:  # older torch: only the default CUDA generator may draw inside a capture
-        gen = None
-    loss_out: list[torch.Tensor] = []
+    opt = build_optimizer(model, cfg)  # capturable, learning rate a device tensor
+    gen = torch.Generator(device=device).manual_seed(0)
 
-    def body() -> torch.Tensor:
-        loss, _, _ = train_step(model, x, cfg, gen, 0.5)  # type: ignore[arg-type]
+    def body(x: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        loss, terms, ci = train_step(model, x, cfg, gen, 0.5)
         loss.backward()
         opt.step()
-        return loss.detach()
+        return loss, terms, ci
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up steps (compilation, lazily built state) outside the capture
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    opt.zero_grad(set_to_none=True)  # the captured backward then writes the gradients afresh on every replay
-    with torch.cuda.graph(graph):
-        loss_out.append(body())
+    graphed = GraphedStep(body, opt, gen)
+    dev = torch.device(device)
+    fixed = to_device(task.sample_batch(cfg.train.batch_size, data_gen), dev)
     losses: list[torch.Tensor] = []
 
     def step() -> None:
-        if not static:
-            x.copy_(task.sample_batch(cfg.train.batch_size, data_gen), non_blocking=True)
-        graph.replay()
-        losses.append(loss_out[0].clone())
+        x = fixed if static else to_device(task.sample_batch(cfg.train.batch_size, data_gen), dev)
+        loss, _, _ = graphed(x)
+        losses.append(loss.detach().clone())
         torch.cuda.synchronize()
 
     step.losses = losses  # type: ignore[attr-defined]
+    step.graphed = graphed  # type: ignore[attr-defined]
     return step
 
 
@@ -235,7 +221,8 @@ def main() -> None:
             ls = torch.stack(step.losses).float().cpu()
             n = max(1, len(ls) // 10)
             out[k] |= {"loss_first": round(ls[:n].mean().item(), 6), "loss_last": round(ls[-n:].mean().item(), 6),
-                       "loss_finite": bool(torch.isfinite(ls).all())}  # fmt: skip
+                       "loss_finite": bool(torch.isfinite(ls).all()),
+                       "captured": step.graphed.graph is not None}  # fmt: skip
     if args.profile:
         out["profile"] = profile_step(next(iter(variants.values())), args.profile_steps, args.device, args.profile)
     out |= cli_times()
