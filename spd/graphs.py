@@ -17,6 +17,7 @@ If the capture fails (an operation that waits on the host, an old torch), the ru
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -130,7 +131,8 @@ class GraphedStep:
                           "continuing without a graph", stacklevel=3)  # fmt: skip
             self.eager = True
             self.opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            with contextlib.suppress(RuntimeError):  # an aborted capture may leave an error behind; the step tells
+                torch.cuda.synchronize()
             return self.body(self.x)
         self.graph, self.out = graph, out
         graph.replay()  # capturing records the step without running it
