@@ -71,18 +71,18 @@ if [ "$PART" = 1 ]; then
     log "background runs started: $(pgrep -fc recovery.py) recovery processes"
     exit 0
 fi
-if [ "$PART" = 3 ]; then  # a last call on the still-warm machine: wait for the background runs, collect them
-    while pgrep -f recovery.py > /dev/null && [ "$(date +%s)" -lt "$((START + CALL_S - 10))" ]; do sleep 5; done
-    log "background recovery processes still running: $(pgrep -fc recovery.py)"
-    tar czf "$OUT/bg.tar.gz" -C "$BG" --exclude='*.safetensors' --exclude='checkpoint*' . 2>/dev/null
-    exit 0
-fi
-
-# ---- part 2: SmolLM2 ---------------------------------------------------------------------------------------
 collect() {  # the background runs' logs, results and metrics so far, as one file
     tar czf "$OUT/bg.tar.gz" -C "$BG" --exclude='*.safetensors' --exclude='checkpoint*' . 2>/dev/null
     log "collected $(tar tzf "$OUT/bg.tar.gz" 2>/dev/null | wc -l) background files"
 }
+if [ "$PART" = 3 ]; then  # a last call on the still-warm machine: wait for the background runs, collect them
+    while pgrep -f recovery.py > /dev/null && [ "$(date +%s)" -lt "$((START + CALL_S - 10))" ]; do sleep 5; done
+    log "background recovery processes still running: $(pgrep -fc recovery.py)"
+    collect
+    exit 0
+fi
+
+# ---- part 2: SmolLM2 ---------------------------------------------------------------------------------------
 name=$(cut -d' ' -f3 .device/b/SHA256)
 gguf=/tmp/smol/$name
 if [ ! -f "$gguf" ]; then
