@@ -19,7 +19,7 @@ from typing import Any, Literal, no_type_check
 
 import torch
 from jaxtyping import Float
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from spd.base_config import BaseConfig
@@ -42,6 +42,14 @@ class APDConfig(BaseConfig):
         "largest attributions are active; a float such as 1.28), with per_example, exactly this many (an integer)",
     )
     topk_mode: Literal["batch", "per_example"] = "batch"
+    min_active: int = Field(
+        0,
+        ge=0,
+        description="with topk_mode batch, every input with any nonzero attribution also gets its this many "
+        "most attributed components (0: plain batch top-k, the paper). Not in the APD paper: it keeps inputs "
+        "that lose the batch-wide ranking (a feature spread thinly over never-active components) from getting "
+        "no active component, so the minimality loss can recruit one for them",
+    )
     rank: int | Literal["full"] = Field(
         "full", description="rank of each component in each matrix; 'full' = min(d_in, d_out) per matrix"
     )
@@ -67,12 +75,24 @@ class APDConfig(BaseConfig):
         False, description="after every step, scale each read column of V to unit norm (the APD ResidMLP recipe)"
     )
 
+    @model_validator(mode="after")
+    def _min_active_needs_batch(self) -> APDConfig:
+        if self.min_active and self.topk_mode != "batch":
+            raise ValueError(
+                f"apd.min_active ({self.min_active}) applies to topk_mode batch only; with per_example every input "
+                "already gets apd.topk components: set min_active to 0 or topk_mode to batch"
+            )
+        return self
+
 
 # ---- top-k --------------------------------------------------------------------------------------------
-def topk_mask(attr: Float[Tensor, "... C"], topk: float | int, mode: Literal["batch", "per_example"]) -> Tensor:
+def topk_mask(
+    attr: Float[Tensor, "... C"], topk: float | int, mode: Literal["batch", "per_example"], min_active: int = 0
+) -> Tensor:
     """Binary (float) mask of the active components.
 
-    batch: the int(topk * N) largest entries of the flattened (N = all leading positions) x C matrix;
+    batch: the int(topk * N) largest entries of the flattened (N = all leading positions) x C matrix, plus,
+    with min_active > 0, each row's min_active largest entries where that row has any nonzero attribution;
     per_example: the topk (an integer) largest entries of each row.
     """
     flat = attr.detach().flatten(0, -2)
@@ -82,6 +102,11 @@ def topk_mask(attr: Float[Tensor, "... C"], topk: float | int, mode: Literal["ba
         mask = torch.zeros(n * C, dtype=attr.dtype, device=attr.device)
         if k > 0:
             mask[flat.flatten().topk(k).indices] = 1.0
+        mask = mask.view(n, C)
+        if min_active > 0:
+            floor = torch.zeros_like(mask).scatter_(-1, flat.topk(min(min_active, C), dim=-1).indices, 1.0)
+            floor = floor * (flat > 0)  # an input no component touches (all zero) stays without one
+            mask = torch.maximum(mask, floor)
         return mask.view(attr.shape)
     if topk != int(topk):
         raise ValueError(f"apd.topk must be an integer with topk_mode per_example, got {topk}")
@@ -256,7 +281,7 @@ class APDModel(ComponentModel):
         return ablation_attributions(self, x, clean, PER_EXAMPLE[self.output_loss])
 
     def importances(self, x: Any, clean: CleanPass) -> CausalImportances:
-        s = topk_mask(self.attributions(x, clean), self.apd.topk, self.apd.topk_mode)
+        s = topk_mask(self.attributions(x, clean), self.apd.topk, self.apd.topk_mode, self.apd.min_active)
         per_module = {n: s for n in self.module_names}
         return CausalImportances(lower=per_module, upper=per_module)
 

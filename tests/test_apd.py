@@ -114,6 +114,21 @@ def test_batch_topk_keeps_the_largest_entries_of_the_whole_batch():
     assert topk_mask(attr, 0.5, "batch").sum() == 2  # fewer active entries than inputs is allowed
 
 
+def test_batch_topk_floor_gives_every_touched_input_its_best_components():
+    # Row 3 (0.4, 0.6, 0.7) loses the batch ranking of top-k 1 (4 entries: 6, 5, 4, 3); row 4 has no attribution.
+    attr = torch.tensor([[5.0, 0.1, 0.2], [4.0, 3.0, 0.3], [0.0, 0.5, 6.0], [0.4, 0.6, 0.7], [0.0, 0.0, 0.0]])
+    plain = topk_mask(attr, 0.8, "batch")
+    assert plain[3].sum() == 0
+    m = topk_mask(attr, 0.8, "batch", min_active=1)
+    expected = torch.tensor([[1.0, 0, 0], [1, 1, 0], [0, 0, 1], [0, 0, 1], [0, 0, 0]])
+    assert torch.equal(m, expected)
+    m2 = topk_mask(attr, 0.8, "batch", min_active=2)  # rows 0, 2, 3 gain their second; row 1 has its two
+    assert m2.sum(-1).tolist() == [2, 2, 2, 2, 0]
+    assert torch.equal(topk_mask(attr[None], 0.8, "batch", min_active=1)[0], expected)  # leading dims kept
+    with pytest.raises(ValueError, match="min_active"):
+        APDConfig(topk=1, topk_mode="per_example", min_active=1)
+
+
 def test_per_example_topk_and_its_integer_rule():
     attr = torch.tensor([[5.0, 0.1, 0.2], [4.0, 3.0, 0.3]])
     assert torch.equal(topk_mask(attr, 2, "per_example"), torch.tensor([[1.0, 0, 1], [1, 1, 0]]))
