@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spd.ground_truth import probe_cis
+from spd.ground_truth import TOL, permute_to_diagonal, probe_cis
 from spd.run import load_run
 from toy_models.nets import ResidMLP
 from toy_models.resid_mlp import PROBE_VALUE, earlier_output_share, resid_mlp_task, residual_entering
@@ -75,6 +75,79 @@ def target_read(model: ResidMLP) -> dict[str, Any]:
             "features_whose_own_output_changes_over_5pct": int((own > 0.05).sum()),
         }
     return rows
+
+
+@torch.no_grad()
+def layer_use(model: ResidMLP) -> Tensor:
+    """[n_layers, n_features]: how much feature i's output needs layer l's read of it. On probe i (x = +PROBE_VALUE,
+    where the ReLU part of the label is on), the squared change of the whole output when W_in^l loses its
+    component along W_E[i], i.e. when the true per-feature piece of layer l is ablated."""
+    x, _, y, _ = _probe_pass(model)
+    u = model.W_E / model.W_E.norm(dim=1, keepdim=True)
+    use = torch.zeros(len(model.layers), len(x))
+    for layer in range(len(model.layers)):
+        w = model.layers[layer].mlp_in.weight  # [d_mlp, d_embed]
+        for i in range(len(x)):
+            y2, _ = residual_entering(model, x[i : i + 1], {layer: w - torch.outer(w @ u[i], u[i])})
+            use[layer, i] = (y2[0] - y[i]).pow(2).sum()
+    return use
+
+
+def use_summary(use: Tensor) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for layer, u in enumerate(use):
+        med = u.median()
+        rows[f"layer {layer}"] = {
+            "median": round(med.item(), 4),
+            "min": round(u.min().item(), 4),
+            "features_under_0.1x_median": int((u < 0.1 * med).sum()),
+            "features_under_0.25x_median": int((u < 0.25 * med).sum()),
+        }
+    return rows
+
+
+def _ranks(v: Tensor) -> Tensor:
+    return v.argsort().argsort().float()
+
+
+@torch.no_grad()
+def piece_ci_vs_use(run_dir: str) -> dict[str, Any]:
+    """Per decomposed W_in^l: each feature's CI on its matched piece (the identity scorer's diagonal after the
+    Hungarian permutation, broad pieces included in the matching) against the target's `layer_use`; the features
+    under 1 - TOL, with the rank of their use (0 = the feature that needs this layer least)."""
+    run = load_run(run_dir)
+    target = run.task.target
+    assert isinstance(target, ResidMLP), f"{run_dir} is not a ResidMLP run"
+    use = layer_use(target)
+    cis = probe_cis(run.model, run.task.ground_truth)
+    out: dict[str, Any] = {"run": run_dir, "seed": run.config.seed}
+    for layer in range(len(target.layers)):
+        name = f"layers.{layer}.mlp_in"
+        if name not in cis:
+            continue
+        p = permute_to_diagonal(cis[name])
+        diag = p.diagonal()
+        rank = _ranks(use[layer])
+        low = torch.nonzero(diag < 1 - TOL).flatten().tolist()
+        spearman = torch.corrcoef(torch.stack([_ranks(diag), rank]))[0, 1].item()
+        out[name] = {
+            "spearman_matched_ci_vs_use": round(spearman, 3),
+            "matched_ci_min": round(diag.min().item(), 3),
+            "features_under_0.9": [
+                {
+                    "feature": i,
+                    "ci": round(diag[i].item(), 3),
+                    "use": round(use[layer, i].item(), 4),
+                    "use_rank": int(rank[i]),
+                }
+                for i in low
+            ],  # fmt: skip
+            "lowest_use_features": [
+                {"feature": i, "use": round(use[layer, i].item(), 4), "ci": round(diag[i].item(), 3)}
+                for i in use[layer].argsort()[:5].tolist()
+            ],
+        }
+    return out
 
 
 @torch.no_grad()
@@ -131,7 +204,8 @@ def main() -> None:
         task = resid_mlp_task(seed=seed, n_layers=args.layers)
         assert isinstance(task.target, ResidMLP)
         report["targets"][f"seed {seed}"] = target_read(task.target)
-    report["runs"] = [broad_pieces(r) for r in args.run]
+        report["targets"][f"seed {seed}"]["layer_use"] = use_summary(layer_use(task.target))
+    report["runs"] = [broad_pieces(r) | {"matched_ci_vs_use": piece_ci_vs_use(r)} for r in args.run]
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
