@@ -18,6 +18,8 @@ Per target seed and later layer, on the one-hot probes (x = 0.75):
 With `--run`, for each decomposed `layers.l.mlp_in` the pieces important (lower CI > 0.1) on more than 5 probes:
 how many probes, their peak CI, |cos(V_c, m)| and, on the probes where the piece is important, the share of what
 it reads that comes from the earlier layers' output: |V_c . o_i| / (|V_c . o_i| + |V_c . W_E[i] x|) (median).
+`layer_use` (per target) and `matched_ci_vs_use` (per run): how much each feature's output needs each layer's
+read of it, and each feature's matched-piece CI beside it (the features under 0.9 and the least-used ones).
 """
 
 from __future__ import annotations
@@ -111,16 +113,13 @@ def _ranks(v: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def piece_ci_vs_use(run_dir: str) -> dict[str, Any]:
+def piece_ci_vs_use(run: Any, cis: dict[str, Tensor]) -> dict[str, Any]:
     """Per decomposed W_in^l: each feature's CI on its matched piece (the identity scorer's diagonal after the
     Hungarian permutation, broad pieces included in the matching) against the target's `layer_use`; the features
     under 1 - TOL, with the rank of their use (0 = the feature that needs this layer least)."""
-    run = load_run(run_dir)
     target = run.task.target
-    assert isinstance(target, ResidMLP), f"{run_dir} is not a ResidMLP run"
     use = layer_use(target)
-    cis = probe_cis(run.model, run.task.ground_truth)
-    out: dict[str, Any] = {"run": run_dir, "seed": run.config.seed}
+    out: dict[str, Any] = {"run": str(run.path), "seed": run.config.seed}
     for layer in range(len(target.layers)):
         name = f"layers.{layer}.mlp_in"
         if name not in cis:
@@ -141,7 +140,7 @@ def piece_ci_vs_use(run_dir: str) -> dict[str, Any]:
                     "use_rank": int(rank[i]),
                 }
                 for i in low
-            ],  # fmt: skip
+            ],
             "lowest_use_features": [
                 {"feature": i, "use": round(use[layer, i].item(), 4), "ci": round(diag[i].item(), 3)}
                 for i in use[layer].argsort()[:5].tolist()
@@ -151,13 +150,10 @@ def piece_ci_vs_use(run_dir: str) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def broad_pieces(run_dir: str) -> dict[str, Any]:
-    run = load_run(run_dir)
+def broad_pieces(run: Any, cis: dict[str, Tensor]) -> dict[str, Any]:
     target = run.task.target
-    assert isinstance(target, ResidMLP), f"{run_dir} is not a ResidMLP run"
     _, embed, _, entering = _probe_pass(target)
     dirs = mean_output_directions(embed, entering)
-    cis = probe_cis(run.model, run.task.ground_truth)
     out: dict[str, Any] = {"seed": run.config.seed}
     for layer in range(len(target.layers)):
         name = f"layers.{layer}.mlp_in"
@@ -205,7 +201,11 @@ def main() -> None:
         assert isinstance(task.target, ResidMLP)
         report["targets"][f"seed {seed}"] = target_read(task.target)
         report["targets"][f"seed {seed}"]["layer_use"] = use_summary(layer_use(task.target))
-    report["runs"] = [broad_pieces(r) | {"matched_ci_vs_use": piece_ci_vs_use(r)} for r in args.run]
+    for run_dir in args.run:
+        run = load_run(run_dir)
+        assert isinstance(run.task.target, ResidMLP), f"{run_dir} is not a ResidMLP run"
+        cis = probe_cis(run.model, run.task.ground_truth)
+        report["runs"].append(broad_pieces(run, cis) | {"matched_ci_vs_use": piece_ci_vs_use(run, cis)})
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
