@@ -114,22 +114,30 @@ def _ranks(v: Tensor) -> Tensor:
 
 @torch.no_grad()
 def piece_ci_vs_use(run: Any, cis: dict[str, Tensor]) -> dict[str, Any]:
-    """Per decomposed W_in^l: each feature's CI on its matched piece (the identity scorer's diagonal after the
-    Hungarian permutation, broad pieces included in the matching) against the target's `layer_use`; the features
-    under 1 - TOL, with the rank of their use (0 = the feature that needs this layer least)."""
+    """Per decomposed W_in^l: each feature's CI on its matched piece against the target's `layer_use`. The
+    matching is the with-extras identity scorer's: the ground truth's extra pieces ("shared read l") are left
+    out, then the Hungarian permutation. Lists the features whose matched CI is under 1 - TOL, with the rank of
+    their use (0 = the feature that needs this layer least), and the off-diagonal entries over TOL: together the
+    with-extras identity-CI error."""
     target = run.task.target
     use = layer_use(target)
+    extras = {p for extra in run.task.ground_truth.extras for p in extra.find(run.model, cis)}
     out: dict[str, Any] = {"run": str(run.path), "seed": run.config.seed}
     for layer in range(len(target.layers)):
         name = f"layers.{layer}.mlp_in"
         if name not in cis:
             continue
-        p = permute_to_diagonal(cis[name])
+        keep = [c for c in range(cis[name].shape[1]) if (name, c) not in extras]
+        p = permute_to_diagonal(cis[name][:, keep])
+        n = p.shape[0]
         diag = p.diagonal()
+        off = p.clone()
+        off[torch.arange(n), torch.arange(n)] = 0.0
         rank = _ranks(use[layer])
         low = torch.nonzero(diag < 1 - TOL).flatten().tolist()
         spearman = torch.corrcoef(torch.stack([_ranks(diag), rank]))[0, 1].item()
         out[name] = {
+            "extras_left_out": sorted(c for n_, c in extras if n_ == name),
             "spearman_matched_ci_vs_use": round(spearman, 3),
             "matched_ci_min": round(diag.min().item(), 3),
             "features_under_0.9": [
@@ -141,6 +149,7 @@ def piece_ci_vs_use(run: Any, cis: dict[str, Tensor]) -> dict[str, Any]:
                 }
                 for i in low
             ],
+            "off_diagonal_over_0.1": int((off > TOL).sum()),
             "lowest_use_features": [
                 {"feature": i, "use": round(use[layer, i].item(), 4), "ci": round(diag[i].item(), 3)}
                 for i in use[layer].argsort()[:5].tolist()

@@ -436,3 +436,32 @@ def test_induction_ablation_scorer_runs():
     assert 0.0 <= res["gt/previous_token/accuracy_ablated"] <= 1.0
     assert res["gt/induction/n_subcomponents"] <= 4 * 32
     assert "gt/accuracy/target" in res
+
+
+def test_piece_ci_vs_use_matches_like_the_with_extras_scorer():
+    """benchmarks/resid_mlp_cross_layer.py `piece_ci_vs_use`: the extra piece is left out before matching (so a
+    broad piece cannot stand in for a feature's own weak piece), each matched CI under 0.9 is listed with its
+    feature's layer-use rank, and off-diagonal entries are counted."""
+    xl = runpy.run_path(str(ROOT / "benchmarks" / "resid_mlp_cross_layer.py"))
+    model = init_resid_mlp(2, seed=0, d_embed=64, n_features=12, d_mlp=4)
+    use = xl["layer_use"](model)
+    ci0 = torch.eye(12)
+    ci0[5, 5] = 0.85  # layer 0: feature 5's own piece just under the bar
+    ci1 = torch.cat([torch.ones(12, 1), torch.eye(12)], dim=1)  # layer 1: a broad extra piece (column 0) ...
+    ci1[3, 4] = 0.6  # ... feature 3's own piece (column 4) weak: the broad piece must not be matched instead
+    ci1[7, 2] = 0.3  # and one off-diagonal entry
+    extra = SimpleNamespace(find=lambda m, c: [("layers.1.mlp_in", 0)])
+    run = SimpleNamespace(
+        task=SimpleNamespace(target=model, ground_truth=SimpleNamespace(extras=[extra])),
+        model=None, path="fake", config=SimpleNamespace(seed=0),
+    )  # fmt: skip
+    out = xl["piece_ci_vs_use"](run, {"layers.0.mlp_in": ci0, "layers.1.mlp_in": ci1})
+    rank = use.argsort(dim=1).argsort(dim=1)
+    assert out["layers.0.mlp_in"]["features_under_0.9"] == [
+        {"feature": 5, "ci": 0.85, "use": round(use[0, 5].item(), 4), "use_rank": int(rank[0, 5])}
+    ]
+    assert out["layers.0.mlp_in"]["off_diagonal_over_0.1"] == 0
+    l1 = out["layers.1.mlp_in"]
+    assert l1["extras_left_out"] == [0]
+    assert [(f["feature"], f["ci"]) for f in l1["features_under_0.9"]] == [(3, 0.6)]
+    assert l1["off_diagonal_over_0.1"] == 1
