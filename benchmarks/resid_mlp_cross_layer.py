@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spd.ground_truth import TOL, permute_to_diagonal, probe_cis
+from spd.ground_truth import TOL, pattern_rows, permute_to_diagonal, probe_cis
 from spd.run import load_run
 from toy_models.nets import ResidMLP
 from toy_models.resid_mlp import PROBE_VALUE, earlier_output_share, resid_mlp_task, residual_entering
@@ -121,14 +121,14 @@ def piece_ci_vs_use(run: Any, cis: dict[str, Tensor]) -> dict[str, Any]:
     with-extras identity-CI error."""
     target = run.task.target
     use = layer_use(target)
-    extras = {p for extra in run.task.ground_truth.extras for p in extra.find(run.model, cis)}
+    gt = run.task.ground_truth
+    extras = frozenset(p for extra in gt.extras for p in extra.find(run.model, cis))
     out: dict[str, Any] = {"run": str(run.path), "seed": run.config.seed}
     for layer in range(len(target.layers)):
         name = f"layers.{layer}.mlp_in"
         if name not in cis:
             continue
-        keep = [c for c in range(cis[name].shape[1]) if (name, c) not in extras]
-        p = permute_to_diagonal(cis[name][:, keep])
+        p = permute_to_diagonal(pattern_rows(cis, name, gt.ci_patterns[name], extras)[0])
         n = p.shape[0]
         diag = p.diagonal()
         off = p.clone()

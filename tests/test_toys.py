@@ -450,9 +450,13 @@ def test_piece_ci_vs_use_matches_like_the_with_extras_scorer():
     ci1 = torch.cat([torch.ones(12, 1), torch.eye(12)], dim=1)  # layer 1: a broad extra piece (column 0) ...
     ci1[3, 4] = 0.6  # ... feature 3's own piece (column 4) weak: the broad piece must not be matched instead
     ci1[7, 2] = 0.3  # and one off-diagonal entry
-    extra = SimpleNamespace(find=lambda m, c: [("layers.1.mlp_in", 0)])
+    from spd.ground_truth import ExtraMechanism
+    from toy_models.resid_mlp import ground_truth
+
+    extra = ExtraMechanism("shared read 1", lambda m, c: [("layers.1.mlp_in", 0)])
+    gt = dataclasses.replace(ground_truth(model), extras=[extra])
     run = SimpleNamespace(
-        task=SimpleNamespace(target=model, ground_truth=SimpleNamespace(extras=[extra])),
+        task=SimpleNamespace(target=model, ground_truth=gt),
         model=None, path="fake", config=SimpleNamespace(seed=0),
     )  # fmt: skip
     out = xl["piece_ci_vs_use"](run, {"layers.0.mlp_in": ci0, "layers.1.mlp_in": ci1})
