@@ -275,6 +275,15 @@ def test_toy_import_puts_recovery_results_into_the_table(tmp_path):
     # importing again replaces that toy's rows rather than adding to them
     assert spd_main(["toy", "import", str(res), "--out", str(md)]) == 0
     assert len(json.loads(md.with_suffix(".json").read_text())["runs"]) == 3
+    # a toy whose scorer also gives a verdict with the target's extra mechanisms allowed shows both counts
+    res2 = tmp_path / "recovery_resid_mlp2.json"
+    runs = [{"seed": s, "passed": False, "wall_s": 60.0, "with_extras/passed": s < 2, "failures": ["strict"],
+             "with_extras/failures": [] if s < 2 else ["still off"]} for s in range(3)]  # fmt: skip
+    res2.write_text(json.dumps({"config": "configs/resid_mlp2.yaml", "machine": "a 2-core box", "runs": runs}))
+    assert spd_main(["toy", "import", str(res2), "--out", str(md)]) == 0
+    text = md.read_text()
+    assert "| resid_mlp2 | 0 / 3 (2 with the extra mechanisms allowed) |" in text, text
+    assert "| tms_5-2 | 1 / 2 | MMCS" in text  # no extras verdict, no second count
     res.write_text(json.dumps({"config": "configs/not_a_toy.yaml", "runs": []}))
     with pytest.raises(SystemExit, match="not a toy's config; toys use: tms_5-2.yaml"):
         spd_main(["toy", "import", str(res), "--out", str(md)])
