@@ -24,6 +24,7 @@ from toy_models.resid_mlp import (
     SIZES,
     decomposed_neuron_contributions,
     earlier_output_share,
+    ground_truth_pieces,
     init_resid_mlp,
     labels,
     neuron_contributions,
@@ -383,6 +384,70 @@ def test_cross_layer_read_by_hand():
     rel = ((y0 - y).pow(2).sum(1) / y.pow(2).sum(1)).median().item()
     assert row["remove_mean_dir_rel_output_err_median"] == pytest.approx(rel, abs=1e-4)
     assert rel > 0
+
+
+def test_resid_mlp_ground_truth_pieces_reproduce_each_matrix_where_they_should():
+    """Dual reads take exactly x_i off an embedding (no overlap with other features), embedding reads do not; with
+    the earlier-layer pieces the W_in^l pieces equal W_in^l on the whole residual stream entering layer l; the
+    W_out pieces sum to W_out; every W_in piece of feature i writes W_in^l W_E[i]."""
+    model = init_resid_mlp(3, seed=0, d_embed=64, n_features=12, d_mlp=4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 12, generator=g) * (torch.rand(32, 12, generator=g) < 0.3)
+    _, entering = residual_entering(model, x)
+    embed = x @ model.W_E
+    dual = ground_truth_pieces(model, "dual")
+    V, U = dual["layers.0.mlp_in"]
+    assert torch.allclose(embed @ V, x, atol=1e-5)
+    V_e, U_e = ground_truth_pieces(model, "embedding")["layers.0.mlp_in"]
+    assert (embed @ V_e - x).abs().max() > 0.05  # the embeddings of 12 features in 64 dims overlap
+    assert torch.allclose(U, U_e) and torch.allclose(U, model.W_E @ model.layers[0].mlp_in.weight.T)
+    full = ground_truth_pieces(model, "dual", earlier_reads=True)
+    for i, layer in enumerate(model.layers):
+        V, U = full[f"layers.{i}.mlp_in"]
+        assert V.shape[1] == 12 + 4 * i  # the features, then the earlier layers' neurons
+        assert torch.allclose(entering[i] @ V @ U, entering[i] @ layer.mlp_in.weight.T, atol=1e-4)
+        if i > 0:  # without the earlier-layer pieces, what layer i reads from earlier outputs is missing
+            V, U = dual[f"layers.{i}.mlp_in"]
+            assert not torch.allclose(entering[i] @ V @ U, entering[i] @ layer.mlp_in.weight.T, atol=1e-3)
+        V, U = full[f"layers.{i}.mlp_out"]
+        assert torch.allclose(V @ U, layer.mlp_out.weight.T)
+
+
+def test_resid_mlp_gt_start_plants_exact_pieces_and_writes_a_start(tmp_path, monkeypatch):
+    """benchmarks/resid_mlp_gt_start.py on a tiny 2-layer run: the objective of the run and of the planted
+    variants is reported, and the planted dual+earlier start reproduces the target with every subcomponent on
+    whatever the delta component's mask (the delta is zero on the residual stream); train.init_from takes it."""
+    from spd import io
+    from spd.run import decompose, load_run
+
+    small = ["target.kwargs.d_embed=100", "target.kwargs.n_features=12", "target.kwargs.d_mlp=4",
+             "target.kwargs.train_steps=50", "decomposition.modules.0.C=16", "decomposition.modules.1.C=16",
+             "train.batch_size=64", "train.steps=5", "train.faithfulness_warmup.steps=2", "train.compile=false",
+             "eval.n_batches=1", "eval.batch_size=64"]  # fmt: skip
+    cfg = load_config(TOYS["resid_mlp2"].config_path, small)
+    decompose(cfg, tmp_path / "run", progress=False)
+    out, start = tmp_path / "gt.json", tmp_path / "start"
+    argv = ["resid_mlp_gt_start.py", str(tmp_path / "run"), "--compare", str(tmp_path / "run"), "--variant",
+            "dual+earlier", "embedding", "--fit-steps", "3", "--eval-batches", "1", "--eval-batch-size", "64",
+            "--write-start", str(start), "--json-out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(ROOT / "benchmarks" / "resid_mlp_gt_start.py"), run_name="__main__")
+    res = json.loads(out.read_text())
+    assert set(res["planted"]) == {"dual+earlier", "embedding"} and len(res["learned"]) == 1
+    assert all(r["objective"]["total"] > 0 for r in res["planted"].values())
+    (learned,) = res["learned"].values()
+    assert set(learned["pieces"]) == {"layers.0.mlp_in", "layers.1.mlp_in"}
+    run = load_run(tmp_path / "run")
+    io.load_model_state(run.model, io.load_tensors(start / io.MODEL), start / io.MODEL)
+    x = run.task.sample_batch(64, torch.Generator().manual_seed(0))
+    ones = {n: torch.ones(64, 16) for n in run.model.module_names}
+    deltas = {n: torch.rand(64, generator=torch.Generator().manual_seed(1)) for n in run.model.module_names}
+    with torch.no_grad():
+        assert torch.allclose(run.model(x, ones, deltas), run.task.target(x), atol=1e-5)
+    cfg2 = load_config(TOYS["resid_mlp2"].config_path, [*small, f"train.init_from={start}"])
+    decompose(cfg2, None, progress=False)
+    with pytest.raises(SystemExit, match="exists"):  # never writes over an earlier start
+        runpy.run_path(str(ROOT / "benchmarks" / "resid_mlp_gt_start.py"), run_name="__main__")
 
 
 class _FixedCI:

@@ -26,7 +26,7 @@ output. The scorer's strict verdict leaves it out (the paper's ground truth); `w
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +147,39 @@ def shared_read(target: ResidMLP, layer: int) -> ExtraMechanism:
         return [(name, max(found)[1])] if found else []
 
     return ExtraMechanism(f"shared read {layer}", find)
+
+
+@torch.no_grad()
+def ground_truth_pieces(
+    target: ResidMLP, read: Literal["embedding", "dual"] = "embedding", earlier_reads: bool = False
+) -> dict[str, tuple[Float[Tensor, "d_in k"], Float[Tensor, "k d_out"]]]:
+    """The ground truth as rank-1 pieces (V, U) per decomposed matrix, x @ V @ U orientation, for planting in a
+    decomposition (benchmarks/resid_mlp_gt_start.py).
+
+    W_in^l: feature i's piece reads W_E[i] (`read="embedding"`, the paper's piece; it also reads the other
+    features' embeddings through their overlaps) or its dual vector (`"dual"`: rows of (W_E W_E^T)^-1 W_E, which
+    read exactly x_i off any embedding W_E^T x) and writes W_in^l W_E[i]. `earlier_reads`: layer l > 0 also gets
+    one piece per earlier-layer neuron n, reading the dual of the part of that neuron's output direction off the
+    embedding span and writing W_in^l of that part, so with dual reads the pieces equal W_in^l on everything the
+    residual stream can hold (a decomposition's delta component is then zero there). W_out^l: one piece per
+    neuron (V = e_n, U = W_out^l[:, n]), exact.
+    """
+    E = target.W_E.double()
+    gram_inv_E = torch.linalg.solve(E @ E.T, E)  # dual rows: gram_inv_E[i] @ W_E[j] = delta_ij
+    off_span = torch.eye(E.shape[1], dtype=E.dtype) - E.T @ gram_inv_E
+    reads = (E if read == "embedding" else gram_inv_E).T
+    pieces: dict[str, tuple[Tensor, Tensor]] = {}
+    earlier: list[Tensor] = []  # output directions (d_embed x d_mlp) of the layers so far
+    for i, layer in enumerate(target.layers):
+        W_in, W_out = layer.mlp_in.weight.double(), layer.mlp_out.weight.double()
+        V, U = reads, E @ W_in.T
+        if earlier_reads and earlier:
+            Q = off_span @ torch.cat(earlier, 1)
+            V, U = torch.cat([V, torch.linalg.pinv(Q).T], 1), torch.cat([U, Q.T @ W_in.T])
+        pieces[f"layers.{i}.mlp_in"] = (V.float(), U.float())
+        pieces[f"layers.{i}.mlp_out"] = (torch.eye(W_out.shape[1]), W_out.T.float())
+        earlier.append(W_out)
+    return pieces
 
 
 def neuron_contributions(W_E: Tensor, W_in: Tensor, W_out: Tensor) -> Tensor:
