@@ -145,8 +145,7 @@ def main() -> None:
         print(json.dumps({variant: row["objective"]}), flush=True)
         if i == 0 and args.write_start is not None:
             args.write_start.mkdir(parents=True)
-            state = {k: v.detach().contiguous() for k, v in run.model.trainable_state_dict().items()}
-            io.save_tensors(args.write_start / io.MODEL, state)
+            io.save_tensors(args.write_start / io.MODEL, run.model.trainable_state_dict())  # as a finished run
             io.save_tensors(args.write_start / io.TARGET, run.task.target.state_dict())
     if args.json_out is not None:
         args.json_out.write_text(json.dumps(out, indent=1) + "\n")
