@@ -55,6 +55,12 @@ class DecompositionConfig(BaseConfig):
     ci_fn: CIConfig = CIConfig()
     sigmoid: SigmoidType = "leaky_hard"
     delta_component: bool = True
+    init: Literal["random", "data"] = Field(
+        "random",
+        description="random: V, U Kaiming-style, then the faithfulness warm-up fits V U to W; data: V reads the "
+        "module's own inputs on random examples and U is the ridge fit of W (spd.init), before the warm-up "
+        "(set train.faithfulness_warmup.steps=0 to start training from it as it is)",
+    )
     tied: list[tuple[str, str]] = Field(
         default=[],
         description="pairs (a, b): b's subcomponents are the transposes of a's (tied weights, e.g. TMS)",
@@ -224,6 +230,8 @@ class Config(BaseConfig):
             raise ValueError("method apd needs an `apd:` section with at least topk (e.g. apd: {topk: 1.0})")
         if self.decomposition.delta_component:
             raise ValueError("decomposition.delta_component must be false with method apd (APD has no delta)")
+        if self.decomposition.init != "random":
+            raise ValueError("decomposition.init 'data' is for method spd's rank-1 subcomponents; use 'random'")
         Cs = {m.C for m in self.decomposition.modules}
         if len(Cs) != 1:
             raise ValueError(

@@ -15,6 +15,7 @@ from spd.base_config import ConfigError
 from spd.config import Config, load_config
 from spd.diagnostics import Diagnostic, diagnose
 from spd.evals import evaluate
+from spd.init import data_init
 from spd.log import MetricsLog, read_metrics, truncate_after
 from spd.model import ComponentModel
 from spd.task import Task, build_task
@@ -136,6 +137,11 @@ def decompose(
     model = build_model(cfg, task)
     if cfg.train.init_from is not None:
         _init_from(model, task, Path(cfg.train.init_from))
+    elif cfg.decomposition.init == "data":
+        try:
+            data_init(model, task.sample_batch, cfg.train.batch_size, cfg.seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     log = _log(cfg, path) if main else None
     _reset_peak_memory(cfg)
     t0 = time.perf_counter()
