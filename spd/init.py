@@ -17,7 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from spd.model import ComponentModel
-from spd.task import BatchSampler
+from spd.task import BatchSampler, to_device
 
 RIDGE = 1e-2  # relative to V^T V's diagonal (1: unit columns)
 MAX_BATCHES = 64
@@ -65,8 +65,7 @@ def data_init(model: ComponentModel, sample_batch: BatchSampler, batch_size: int
     device = next(iter(model.decomposition_parameters())).device
     seen: dict[str, list[Tensor]] = {n: [] for n in names}
     for _ in range(MAX_BATCHES):
-        x = sample_batch(batch_size, generator)
-        x = x.to(device) if isinstance(x, Tensor) else x
+        x = to_device(sample_batch(batch_size, generator), device)
         _, acts = model.forward_with_cache(x)
         for n in names:
             seen[n].append(acts[n].flatten(0, -2))

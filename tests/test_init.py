@@ -94,3 +94,16 @@ def test_data_init_refuses_an_embedding():
     model = ComponentModel(emb, [ModuleSpec(pattern="*", C=2)], CIConfig(hidden=[2]))
     with pytest.raises(ValueError, match="embedding"):
         data_init(model, lambda n, g: torch.randint(0, 7, (n,), generator=g), batch_size=8, seed=0)
+
+
+def test_a_run_with_init_data_starts_from_the_data(tmp_path):
+    """decompose() applies the data init: with a vanishing LR, the trained run keeps unit read directions that
+    are TMS inputs (nonnegative, sparse), which the random init's Gaussian columns are not."""
+    from spd.config import load_config
+    from spd.run import decompose
+
+    over = ["decomposition.init=data", "train.faithfulness_warmup.steps=0", "train.steps=2", "train.lr.peak=1e-12"]
+    run, _ = decompose(load_config(tiny_tms_config(), over), tmp_path / "run", progress=False)
+    V = run.model.comp("linear1").V.detach()
+    assert torch.allclose(V.norm(dim=0), torch.ones(V.shape[1]), atol=1e-6)
+    assert (V > -1e-6).all()  # (Adam moves the zero entries by ~lr)
