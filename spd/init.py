@@ -27,7 +27,7 @@ INIT_SEED_OFFSET = 7_919  # the init's own data stream, so that it does not shif
 def read_directions(acts: Float[Tensor, "n d_in"], C: int, generator: torch.Generator) -> Float[Tensor, "d_in C"]:
     """C unit-norm columns: C distinct nonzero rows of `acts` drawn at random (with replacement if fewer)."""
     norms = acts.norm(dim=-1)
-    rows = acts[norms > 1e-8 * norms.max().clamp_min(1e-30)]
+    rows = acts[norms > 1e-8 * norms.max().clamp_min(1e-30)] if acts.shape[0] else acts
     if rows.shape[0] == 0:
         raise ValueError("every sampled input of the module is zero; the data-aligned init has nothing to read")
     if rows.shape[0] >= C:
@@ -63,13 +63,14 @@ def data_init(model: ComponentModel, sample_batch: BatchSampler, batch_size: int
     generator = torch.Generator().manual_seed(seed + INIT_SEED_OFFSET)
     need = max(model.Cs[n] for n in names)
     device = next(iter(model.decomposition_parameters())).device
-    seen: dict[str, list[Tensor]] = {n: [] for n in names}
+    seen: dict[str, list[Tensor]] = {n: [] for n in names}  # nonzero input rows so far
     for _ in range(MAX_BATCHES):
         x = to_device(sample_batch(batch_size, generator), device)
         _, acts = model.forward_with_cache(x)
         for n in names:
-            seen[n].append(acts[n].flatten(0, -2))
-        if all(sum(int((t.norm(dim=-1) > 0).sum()) for t in seen[n]) >= 4 * need for n in names):
+            a = acts[n].flatten(0, -2)
+            seen[n].append(a[a.norm(dim=-1) > 0])
+        if all(sum(t.shape[0] for t in seen[n]) >= 4 * need for n in names):
             break
     for n in names:
         comp = model.comp(n)
