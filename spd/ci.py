@@ -206,6 +206,19 @@ class CIFunction(nn.Module):
     def forward(self, acts: dict[str, Tensor], inner: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def output_layer(self, name: str) -> tuple[Tensor, Tensor, int]:
+        """(weight, bias, offset): module `name`'s subcomponent c has its logit from weight[offset + c] and
+        bias[offset + c] (weight's rows are the last layer's, for one subcomponent each)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def silence(self, name: str, c: int) -> None:
+        """Make subcomponent c of `name` unimportant on every input: its logit becomes the constant -1 (CI 0).
+        Training can revive it (the output weights still get gradients through the sigmoids' leak)."""
+        weight, bias, offset = self.output_layer(name)
+        weight[offset + c] = 0.0
+        bias[offset + c] = -1.0
+
 
 class PerModuleCI(CIFunction):
     """One independent CI network per decomposed module ("mlp", "vector_mlp", "shared_mlp")."""
@@ -228,6 +241,13 @@ class PerModuleCI(CIFunction):
                 nets[_key(name)] = SharedMLP(C, d_in, cfg.hidden)
         self.nets = nn.ModuleDict(nets)
         self.names = list(specs)
+
+    def output_layer(self, name: str) -> tuple[Tensor, Tensor, int]:
+        net = self.nets[_key(name)]
+        if isinstance(net, SharedMLP):
+            last = net.net[-1]
+            return last.weight, last.bias, 0
+        return net.w_out, net.b_out, 0
 
     def forward(self, acts: dict[str, Tensor], inner: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}
@@ -255,6 +275,10 @@ class GlobalSharedMLP(CIFunction):
     def forward(self, acts: dict[str, Tensor], inner: dict[str, Tensor]) -> dict[str, Tensor]:
         z = self.net(torch.cat([acts[n] for n in self.names], dim=-1))
         return dict(zip(self.names, z.split(self.Cs, dim=-1), strict=True))
+
+    def output_layer(self, name: str) -> tuple[Tensor, Tensor, int]:
+        last = self.net[-1]
+        return last.weight, last.bias, sum(self.Cs[: self.names.index(name)])
 
 
 def build_ci_function(specs: dict[str, tuple[int, int, str]], cfg: CIConfig) -> CIFunction:
