@@ -35,7 +35,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     run = load_run(a.run_dir)
     x = run.task.sample_batch(a.inputs, torch.Generator().manual_seed(a.seed))
-    merged = merge_duplicates(run.model, x, a.max_cos, a.min_overlap, a.seed)
+    ev = run.config.eval  # firing and alive as the run's scores count them
+    merged = merge_duplicates(run.model, x, a.max_cos, a.min_overlap, ev.ci_threshold, ev.alive_min_density, a.seed)
     a.out_dir.mkdir(parents=True)
     for f in (io.CONFIG, io.TARGET):
         shutil.copy(a.run_dir / f, a.out_dir / f)

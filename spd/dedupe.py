@@ -25,18 +25,22 @@ import torch
 
 from spd.model import ComponentModel
 
-FIRING = 0.1  # CI above this counts as important
-MIN_FIRING_RATE = 1e-3  # a subcomponent firing on fewer inputs is dead, not a duplicate
-
 
 @torch.no_grad()
 def merge_duplicates(
-    model: ComponentModel, x: Any, max_cos: float = 0.9, min_overlap: float = 0.5, seed: int = 0
+    model: ComponentModel,
+    x: Any,
+    max_cos: float = 0.9,
+    min_overlap: float = 0.5,
+    threshold: float = 0.1,
+    min_density: float = 0.0,
+    seed: int = 0,
 ) -> dict[str, list[tuple[int, int]]]:
     """Fold every alive subcomponent b into a larger alive one a of the same matrix when |cos(V_a, V_b)| >
     `max_cos` and the less often firing of the two fires together with the other on at least `min_overlap` of
-    its inputs (firing: CI > 0.1 on the batch `x`). Larger means larger |V||U| (a's mechanism carries more of
-    the write). Returns {module: [(a, b) folded b into a]}; tied modules (and their sources) are left alone."""
+    its inputs (firing: CI > `threshold` on the batch `x`; alive: firing on more than `min_density` of it, as
+    in the run's eval config). Larger means larger |V||U| (a's mechanism carries more of the write). Returns
+    {module: [(a, b): b folded into a]}; tied modules (and their sources) are left alone."""
     if not 0 < max_cos < 1 or not 0 <= min_overlap <= 1:
         raise ValueError(
             f"merge_duplicates needs 0 < max_cos < 1 and 0 <= min_overlap <= 1, got {max_cos}, {min_overlap}"
@@ -54,9 +58,9 @@ def merge_duplicates(
         if comp.rank != 1:
             raise ValueError(f"merge_duplicates: {name!r} has rank {comp.rank}; it is for rank-1 (method spd)")
         V, U = comp.V, comp.U  # (d_in, C), (C, d_out)
-        fire = (ci[name].flatten(0, -2) > FIRING).float()
+        fire = (ci[name].flatten(0, -2) > threshold).float()
         count = fire.sum(0)
-        alive = count > MIN_FIRING_RATE * fire.shape[0]
+        alive = count > max(min_density * fire.shape[0], 0.5)
         unit = V / V.norm(dim=0, keepdim=True).clamp_min(1e-30)
         parallel = (unit.T @ unit).abs() > max_cos
         overlap = (fire.T @ fire) / torch.minimum(count[:, None], count[None, :]).clamp_min(1)
