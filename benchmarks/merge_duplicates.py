@@ -1,6 +1,6 @@
 """Merge duplicate subcomponents of a finished run into a new run directory (spd.dedupe), to score or to train a tail.
 
-    python benchmarks/merge_duplicates.py RUN_DIR OUT_DIR [--max-cos 0.9] [--min-overlap 0.5] [--inputs 20000]
+    python benchmarks/merge_duplicates.py RUN_DIR OUT_DIR [--max-cos 0.9] [--min-overlap 0.5] [--fit-steps 300]
     spd eval OUT_DIR                                   # the merged decomposition, as it is
     python benchmarks/recovery.py CONFIG --set train.init_from=OUT_DIR ...   # a tail from it
 
@@ -24,9 +24,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--max-cos", type=float, default=0.9)
+    p.add_argument("--max-cos", type=float, default=0.9, help="|cos| of the inner activations where either fires")
     p.add_argument("--min-overlap", type=float, default=0.5)
     p.add_argument("--inputs", type=int, default=20_000, help="inputs drawn from the run's task to count firing")
+    p.add_argument("--fit-steps", type=int, default=300, help="CI refit steps after the merge (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
@@ -36,7 +37,9 @@ def main() -> None:
     run = load_run(a.run_dir)
     x = run.task.sample_batch(a.inputs, torch.Generator().manual_seed(a.seed))
     ev = run.config.eval  # firing and alive as the run's scores count them
-    merged = merge_duplicates(run.model, x, a.max_cos, a.min_overlap, ev.ci_threshold, ev.alive_min_density, a.seed)
+    merged = merge_duplicates(
+        run.model, x, a.max_cos, a.min_overlap, ev.ci_threshold, ev.alive_min_density, a.fit_steps, a.seed
+    )
     a.out_dir.mkdir(parents=True)
     for f in (io.CONFIG, io.TARGET):
         shutil.copy(a.run_dir / f, a.out_dir / f)

@@ -7,20 +7,22 @@ from spd.dedupe import merge_duplicates
 from spd.model import ComponentModel, ModuleSpec
 
 
-def _model() -> ComponentModel:
-    """fc: 3 -> 2 with four subcomponents; 0 and 1 read e0 (1 as -2 e0), 2 reads e1, 3 reads e2."""
+def _model(hidden: int = 1) -> ComponentModel:
+    """fc: 3 -> 2 with four subcomponents; 0 and 1 read e0 (1 as -2 e0), 2 reads e1, 3 reads e2. The CI
+    networks' first hidden unit is set by hand, the others (`hidden` > 1) are left as initialised, writing 0."""
     torch.manual_seed(0)
     target = nn.Sequential(nn.Linear(3, 2, bias=False))
-    model = ComponentModel(target, [ModuleSpec(pattern="0", C=4)], CIConfig(type="mlp", hidden=[1]))
+    model = ComponentModel(target, [ModuleSpec(pattern="0", C=4)], CIConfig(type="mlp", hidden=[hidden]))
     comp = model.comp("0")
     with torch.no_grad():
         comp.V.copy_(torch.tensor([[1.0, -2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]))
         comp.U.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.25], [0.5, 0.5], [0.0, 1.0]]))
         net = model.ci_fn.nets["0"]
         # logit_c = gelu(w_in_c h_c) for the scalar inner activation h_c = x . V_c: fires where w_in_c h_c > 0
-        net.w_in.copy_(torch.tensor([[10.0], [-5.0], [10.0], [10.0]]))  # pieces 0 and 1 both fire where x0 > 0
+        net.w_in[:, 0] = torch.tensor([10.0, -5.0, 10.0, 10.0])  # pieces 0 and 1 both fire where x0 > 0
         net.b_in.zero_()
-        net.w_out.fill_(1.0)
+        net.w_out.zero_()
+        net.w_out[:, 0] = 1.0
         net.b_out.zero_()
     return model
 
@@ -34,25 +36,55 @@ def test_merge_folds_a_parallel_co_firing_piece_into_the_larger_one():
     # V_0 U_0 + V_1 U_1 = e0 [1, 0] + (-2 e0) [0, 0.25] = e0 [1, -0.5]: the sum is unchanged, all in piece 0
     assert torch.allclose(comp.U[0], torch.tensor([1.0, -0.5]))
     assert torch.allclose(comp.weight(), before)
-    # piece 1 is a spare: no write, a new read of the same norm, never important
-    assert (comp.U[1] == 0).all() and torch.isclose(comp.V[:, 1].norm(), torch.tensor(2.0))
+    # piece 1 is a spare: its read minus -2 x piece 0's is nothing, and it is never important
+    assert torch.allclose(comp.V[:, 1], torch.zeros(3))
     assert (model.causal_importances(x).lower["0"][:, 1] == 0).all()
     # the others are untouched
     assert torch.equal(comp.U[2:], torch.tensor([[0.5, 0.5], [0.0, 1.0]]))
 
 
+def test_reads_are_compared_on_the_data_and_the_rest_of_the_read_stays_in_the_spare():
+    model = _model()
+    comp = model.comp("0")
+    with torch.no_grad():
+        comp.V[:, 1] = torch.tensor([-2.0, 0.0, 3.0])  # vector |cos| with e0 0.55, but the data has no x2
+    before = comp.weight().clone()
+    x = torch.randn(512, 3, generator=torch.Generator().manual_seed(1))
+    x[:, 2] = 0.0
+    assert merge_duplicates(model, x) == {"0": [(0, 1)]}
+    assert torch.allclose(comp.U[0], torch.tensor([1.0, -0.5]))
+    assert torch.allclose(comp.V[:, 1], torch.tensor([0.0, 0.0, 3.0]))  # the part no input reads
+    assert torch.allclose(comp.weight(), before)
+
+
 def test_pieces_that_fire_apart_or_read_apart_are_kept():
     model = _model()
     with torch.no_grad():
-        model.ci_fn.nets["0"].w_in[1] = 5.0  # piece 1 now fires where x0 < 0: same direction, other inputs
+        model.ci_fn.nets["0"].w_in[1] = 5.0  # piece 1 now fires where x0 < 0: same read, other inputs
     x = torch.randn(512, 3, generator=torch.Generator().manual_seed(1))
     assert merge_duplicates(model, x) == {"0": []}
+    assert merge_duplicates(model, x, min_overlap=0.0, fit_steps=0) == {"0": [(0, 1)]}  # a sign split, on request
     model = _model()
     with torch.no_grad():
-        model.comp("0").V[:, 1] = torch.tensor([-2.0, 2.5, 0.0])  # |cos| 0.62 with e0: not a duplicate at 0.9
+        model.comp("0").V[:, 1] = torch.tensor([-2.0, 2.5, 0.0])  # reads x1 too: |cos| about 0.6 on this data
     assert merge_duplicates(model, x, max_cos=0.9) == {"0": []}
     with pytest.raises(ValueError, match="max_cos"):
         merge_duplicates(model, x, max_cos=1.0)
+
+
+def test_after_a_sign_split_merge_the_kept_piece_is_refitted_to_fire_on_both_halves():
+    model = _model(hidden=4)
+    with torch.no_grad():
+        model.ci_fn.nets["0"].w_in[1, 0] = 5.0  # piece 0 fires where x0 > 0, piece 1 where x0 < 0
+    x = torch.randn(2048, 3, generator=torch.Generator().manual_seed(1))
+    before = model.causal_importances(x).lower["0"]
+    assert merge_duplicates(model, x, min_overlap=0.0) == {"0": [(0, 1)]}
+    after = model.causal_importances(x).lower["0"]
+    clear = x[:, 0].abs() > 0.3  # CI 1 on one of the two before
+    assert (before[clear, 0] == 1).sum() < 0.6 * clear.sum() and (before[clear, :2].amax(-1) == 1).all()
+    assert after[clear, 0].min() > 0.9  # now piece 0 alone, on both signs
+    assert (after[:, 1] == 0).all()
+    assert (after[:, 2:] - before[:, 2:]).abs().max() < 0.05  # the others keep their CIs
 
 
 @pytest.mark.parametrize("ci_type", ["mlp", "vector_mlp", "shared_mlp", "global_shared_mlp"])
