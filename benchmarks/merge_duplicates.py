@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--max-cos", type=float, default=0.9, help="|cos| of the inner activations where either fires")
     p.add_argument("--min-overlap", type=float, default=0.5)
+    p.add_argument("--min-gain", type=float, default=0.3, help="rms inner activation on the other's inputs / own")
     p.add_argument("--inputs", type=int, default=20_000, help="inputs drawn from the run's task to count firing")
     p.add_argument("--fit-steps", type=int, default=300, help="CI refit steps after the merge (0: none)")
     p.add_argument("--seed", type=int, default=0)
@@ -38,7 +39,15 @@ def main() -> None:
     x = run.task.sample_batch(a.inputs, torch.Generator().manual_seed(a.seed))
     ev = run.config.eval  # firing and alive as the run's scores count them
     merged = merge_duplicates(
-        run.model, x, a.max_cos, a.min_overlap, ev.ci_threshold, ev.alive_min_density, a.fit_steps, a.seed
+        run.model,
+        x,
+        max_cos=a.max_cos,
+        min_overlap=a.min_overlap,
+        threshold=ev.ci_threshold,
+        min_density=ev.alive_min_density,
+        min_gain=a.min_gain,
+        fit_steps=a.fit_steps,
+        seed=a.seed,
     )
     a.out_dir.mkdir(parents=True)
     for f in (io.CONFIG, io.TARGET):

@@ -1,25 +1,28 @@
 """Merge duplicate subcomponents: pieces of one matrix that read the same thing and so carry one mechanism.
 
 A decomposition can end with one mechanism split over two rank-1 subcomponents a and b of one matrix whose
-reads agree on the data (b's inner activation is a fixed multiple s of a's wherever either is important) and
-that share its write. Both are then important on the same inputs, and the importance-minimality loss hardly
-moves them, since shifting the write from one to the other changes neither the output nor (at CI 1 on both)
-the penalty. On ResidMLP 3 such pairs survive thousands of steps. Folding b into a removes them exactly:
+reads agree on the data (b's inner activation h_b = x . V_b is a multiple of a's where either is important)
+and that share its write. Both are then important on the same inputs, and the importance-minimality loss
+hardly moves them, since shifting the write from one to the other changes neither the output nor (at CI 1 on
+both) the penalty. On ResidMLP 3 such pairs survive thousands of steps. Folding b into a removes them:
 
-    V_a U_a + V_b U_b  =  V_a (U_a + s U_b) + (V_b - s V_a) U_b,
+    V_a U_a + V_b U_b  =  V_a (U_a + s U_b) + (V_b - s V_a) U_b,     s fitted so that h_b = s h_a where b fires,
 
-so a takes b's write and b keeps only the part of its read that the data never sees (there h_b - s h_a = 0):
-the matrix is unchanged, and b, with a CI that is 0 everywhere from now on (`CIFunction.silence`), is a spare.
-Use it on a finished run and train a short tail from the result (`train.init_from`): see
-`benchmarks/merge_duplicates.py`.
+so a takes b's write and b keeps only the part of its read that is not a's: the matrix is unchanged, and b,
+with a CI that is 0 everywhere from now on (`CIFunction.silence`), is a spare. Where b was important, a now
+does exactly what both did. Use it on a finished run and train a short tail from the result
+(`train.init_from`): see `benchmarks/merge_duplicates.py`.
 
 Reads are compared on the data, not as vectors: two reads that differ only in directions no input has (on
-ResidMLP, the 900 of 1000 residual dimensions outside the feature span) are the same read. So `max_cos` bounds
-the cosine between the two inner-activation columns over the inputs where a or b is important.
+ResidMLP, the 900 of 1000 residual dimensions outside the feature span) are the same read. `max_cos` bounds the
+cosine of the two inner-activation columns over the inputs where b fires and, separately, where a fires; the
+two gains may differ, not their signs (the spare's remainder restores the difference where a fires, when it
+is unmasked).
 
 Two such pieces may also split one read by input region instead (on ResidMLP, one piece for a feature's
 positive values and one for its negative values: the CI penalty is the same for one piece firing on both and
-for two firing on half each). `min_overlap=0` merges those too.
+for two firing on half each; in the later layers the two halves see the feature with different gains, since
+the earlier layers' ReLU outputs respond to one sign only). `min_overlap=0` merges those too.
 
 The kept piece must then be important wherever either was. The CI function is refitted for that (`fit_steps`):
 a short supervised fit of its logits to max(z_a, z_b) for each kept a (the same as max of the two CIs, the
@@ -45,19 +48,22 @@ def merge_duplicates(
     min_overlap: float = 0.5,
     threshold: float = 0.1,
     min_density: float = 0.0,
+    min_gain: float = 0.3,
     fit_steps: int = 300,
     seed: int = 0,
 ) -> dict[str, list[tuple[int, int]]]:
     """Fold every alive subcomponent b into a larger alive one a of the same matrix when their inner
-    activations (x @ V) over the inputs of `x` where a or b fires have |cosine| > `max_cos`, and the less often
-    firing of the two fires together with the other on at least `min_overlap` of its inputs (firing: CI >
-    `threshold`; alive: firing on more than `min_density` of `x`, as in the run's eval config). Larger means
-    larger |V||U| (a's mechanism carries more of the write). The matrix is unchanged; the CI function is then
-    refitted for `fit_steps` Adam steps (module docstring; 0: not refitted). Returns {module: [(a, b): b folded
-    into a]}; tied modules (and their sources) are left alone."""
-    if not 0 < max_cos < 1 or not 0 <= min_overlap <= 1:
+    activations (x @ V) have |cosine| > `max_cos` over the inputs of `x` where b fires and over those where a
+    fires, each seeing the other's inputs with at least `min_gain` of the rms inner activation it has on its
+    own, and the less often firing of the two fires together with the other on at least `min_overlap` of its
+    inputs (firing: CI > `threshold`; alive: firing on more than `min_density` of `x`, as in the run's eval
+    config). Larger means larger |V||U| (a's mechanism carries more of the write). The matrix is unchanged; the
+    CI function is then refitted for `fit_steps` Adam steps (module docstring; 0: not refitted). Returns
+    {module: [(a, b): b folded into a]}; tied modules (and their sources) are left alone."""
+    if not 0 < max_cos < 1 or not 0 <= min_overlap <= 1 or not min_gain > 0:
         raise ValueError(
-            f"merge_duplicates needs 0 < max_cos < 1 and 0 <= min_overlap <= 1, got {max_cos}, {min_overlap}"
+            "merge_duplicates needs 0 < max_cos < 1, 0 <= min_overlap <= 1 and min_gain > 0, got "
+            f"{max_cos}, {min_overlap}, {min_gain}"
         )
     if model.ci_fn is None:
         raise ValueError("merge_duplicates needs the model's CI function (to decide which pieces fire together)")
@@ -78,11 +84,17 @@ def merge_duplicates(
         idx = (count > max(min_density * fire.shape[0], 0.5)).nonzero().flatten()  # the alive ones
         h = comp.inner(clean.acts[name]).flatten(0, -2)[:, idx].double()  # (N, alive): x . V_c
         f = fire[:, idx].double()
-        # sums over the inputs where a or b fires, for every pair [a, b]: weight f_a + f_b - f_a f_b per input
-        hf, h2f = h * f, h * h * f
-        cross = hf.T @ h + h.T @ hf - hf.T @ hf  # sum h_a h_b
-        sq = h2f.sum(0)[:, None] + (h * h).T @ f - h2f.T @ f  # sum h_a^2
-        cos = cross / (sq * sq.T).sqrt().clamp_min(1e-30)
+        # [a, b]: sums over the inputs where b fires (rows a, columns b: the other region is the transpose)
+        h2 = h * h
+        cross = h.T @ (h * f)  # sum h_a h_b
+        sq_a, sq_b = h2.T @ f, (h2 * f).sum(0)[None, :]  # sum h_a^2, sum h_b^2
+        cos = cross / (sq_a * sq_b).sqrt().clamp_min(1e-30)  # cos(h_a, h_b) where b fires
+        same = (cos.abs() > max_cos) & (cos.T.abs() > max_cos) & (cos * cos.T > 0)  # ... and where a fires
+        # on one feature's inputs any two reads are proportional: a must also see b's inputs about as strongly
+        # as its own (and b a's), or a read that merely leaks onto b's feature would pass
+        n = f.sum(0).clamp_min(1)
+        gain = (sq_a / n[None, :]) / ((h2 * f).sum(0) / n)[:, None].clamp_min(1e-30)  # [a, b]: rms ratio^2
+        same &= torch.minimum(gain, gain.T) > min_gain**2
         both = f.T @ f
         overlap = both / torch.minimum(count[idx][:, None], count[idx][None, :]).double().clamp_min(1)
         size = U.norm(dim=1) * V.norm(dim=0)
@@ -92,11 +104,11 @@ def merge_duplicates(
             a = int(idx[i])
             if not alive[i]:
                 continue
-            for j in ((cos[i].abs() > max_cos) & alive & (overlap[i] >= min_overlap)).nonzero().flatten().tolist():
+            for j in (same[i] & alive & (overlap[i] >= min_overlap)).nonzero().flatten().tolist():
                 b = int(idx[j])
                 if j == i or size[b] > size[a]:
                     continue
-                s = (cross[i, j] / sq[i, j].clamp_min(1e-30)).to(V.dtype)
+                s = (cross[i, j] / sq_a[i, j].clamp_min(1e-30)).to(V.dtype)  # h_b = s h_a where b fires
                 U[a] += s * U[b]
                 V[:, b] -= s * V[:, a]
                 model.ci_fn.silence(name, b)

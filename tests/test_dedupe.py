@@ -68,6 +68,15 @@ def test_pieces_that_fire_apart_or_read_apart_are_kept():
     with torch.no_grad():
         model.comp("0").V[:, 1] = torch.tensor([-2.0, 2.5, 0.0])  # reads x1 too: |cos| about 0.6 on this data
     assert merge_duplicates(model, x, max_cos=0.9) == {"0": []}
+    # one feature per input: pieces 2 and 3 each leak 0.1% onto the other's feature, so on each one's inputs the
+    # other's read is proportional to its own (cosine 1 both ways); but each sees the other's inputs with 0.1% of
+    # its own strength: kept
+    model = _model()
+    with torch.no_grad():
+        model.comp("0").V[:, 2:] = torch.tensor([[0.0, 0.0], [1.0, 0.001], [0.001, 1.0]])
+    one = torch.randn(512, 3, generator=torch.Generator().manual_seed(2))
+    one *= torch.nn.functional.one_hot(torch.arange(512) % 3, 3)
+    assert merge_duplicates(model, one, min_overlap=0.0, fit_steps=0) == {"0": [(0, 1)]}  # not (2, 3)
     with pytest.raises(ValueError, match="max_cos"):
         merge_duplicates(model, x, max_cos=1.0)
 
