@@ -10,14 +10,16 @@ both) the penalty. On ResidMLP 3 such pairs survive thousands of steps. Folding 
 
 so a takes b's write and b keeps only the part of its read that is not a's: the matrix is unchanged, and b,
 with a CI that is 0 everywhere from now on (`CIFunction.silence`), is a spare. Where b was important, a now
-does exactly what both did. Use it on a finished run and train a short tail from the result
+does what both did (up to the fit of s). Use it on a finished run and train a short tail from the result
 (`train.init_from`): see `benchmarks/merge_duplicates.py`.
 
 Reads are compared on the data, not as vectors: two reads that differ only in directions no input has (on
 ResidMLP, the 900 of 1000 residual dimensions outside the feature span) are the same read. `max_cos` bounds the
 cosine of the two inner-activation columns over the inputs where b fires and, separately, where a fires; the
 two gains may differ, not their signs (the spare's remainder restores the difference where a fires, when it
-is unmasked).
+is unmasked). On inputs with one feature active any two reads are proportional, so each piece must also see the
+other's inputs with at least `min_gain` of its own rms activation: a read that merely leaks onto another
+feature does not make a duplicate.
 
 Two such pieces may also split one read by input region instead (on ResidMLP, one piece for a feature's
 positive values and one for its negative values: the CI penalty is the same for one piece firing on both and
@@ -87,13 +89,13 @@ def merge_duplicates(
         # [a, b]: sums over the inputs where b fires (rows a, columns b: the other region is the transpose)
         h2 = h * h
         cross = h.T @ (h * f)  # sum h_a h_b
-        sq_a, sq_b = h2.T @ f, (h2 * f).sum(0)[None, :]  # sum h_a^2, sum h_b^2
-        cos = cross / (sq_a * sq_b).sqrt().clamp_min(1e-30)  # cos(h_a, h_b) where b fires
+        sq_a, own = h2.T @ f, (h2 * f).sum(0)  # sum h_a^2; sum h_b^2 (each piece where it fires itself)
+        cos = cross / (sq_a * own[None, :]).sqrt().clamp_min(1e-30)  # cos(h_a, h_b) where b fires
         same = (cos.abs() > max_cos) & (cos.T.abs() > max_cos) & (cos * cos.T > 0)  # ... and where a fires
         # on one feature's inputs any two reads are proportional: a must also see b's inputs about as strongly
         # as its own (and b a's), or a read that merely leaks onto b's feature would pass
         n = f.sum(0).clamp_min(1)
-        gain = (sq_a / n[None, :]) / ((h2 * f).sum(0) / n)[:, None].clamp_min(1e-30)  # [a, b]: rms ratio^2
+        gain = (sq_a / n[None, :]) / (own / n)[:, None].clamp_min(1e-30)  # [a, b]: rms ratio^2
         same &= torch.minimum(gain, gain.T) > min_gain**2
         both = f.T @ f
         overlap = both / torch.minimum(count[idx][:, None], count[idx][None, :]).double().clamp_min(1)
