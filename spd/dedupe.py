@@ -70,7 +70,8 @@ def merge_duplicates(
     if model.ci_fn is None:
         raise ValueError("merge_duplicates needs the model's CI function (to decide which pieces fire together)")
     clean = model.clean_pass(x)
-    logits = model.ci_fn(clean.acts, model.inner_acts(clean.acts))
+    inner = model.inner_acts(clean.acts)  # before any fold: each module's own is read before it changes
+    logits = model.ci_fn(clean.acts, inner)
     ci = {n: model.lower_sigmoid(z) for n, z in logits.items()}
     skip = set(model.tied) | set(model.tied.values())
     merged: dict[str, list[tuple[int, int]]] = {}
@@ -84,7 +85,7 @@ def merge_duplicates(
         fire = (ci[name].flatten(0, -2) > threshold).float()
         count = fire.sum(0)
         idx = (count > max(min_density * fire.shape[0], 0.5)).nonzero().flatten()  # the alive ones
-        h = comp.inner(clean.acts[name]).flatten(0, -2)[:, idx].double()  # (N, alive): x . V_c
+        h = inner[name].flatten(0, -2)[:, idx].double()  # (N, alive): x . V_c
         f = fire[:, idx].double()
         # [a, b]: sums over the inputs where b fires (rows a, columns b: the other region is the transpose)
         h2 = h * h
