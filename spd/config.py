@@ -95,6 +95,18 @@ class WarmupConfig(BaseConfig):
     weight_decay: float = Field(0.1, ge=0)
 
 
+class MergeConfig(BaseConfig):
+    """Fold duplicate subcomponents into one during training (spd.dedupe.merge_duplicates) at the given steps,
+    judged on `inputs` fresh inputs from the task with the eval config's firing threshold and alive density."""
+
+    at: list[int] = Field(min_length=1, description="steps (0-based, before that step's update) at which to merge")
+    max_cos: float = Field(0.9, gt=0, lt=1)
+    min_overlap: float = Field(0.5, ge=0, le=1, description="0 also merges sign splits (see spd.dedupe)")
+    min_gain: float = Field(0.3, gt=0)
+    fit_steps: int = Field(300, ge=0, description="CI refit steps after each merge (0: none)")
+    inputs: int = Field(20_000, gt=0)
+
+
 class TrainConfig(BaseConfig):
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0)
@@ -119,6 +131,11 @@ class TrainConfig(BaseConfig):
         description="a finished run directory of the same target and decomposition: start from its components "
         "and CI function instead of a fresh initialisation (a new tail schedule on top of a run); the "
         "faithfulness warm-up still runs unless train.faithfulness_warmup.steps is 0",
+    )
+    merge: MergeConfig | None = Field(
+        None,
+        description="merge duplicate subcomponents at set steps (method spd; spd.dedupe): pieces that read the "
+        "same thing on the data and fire together are folded into one, the matrix unchanged",
     )
     eval_every: int | None = Field(
         None,
@@ -218,6 +235,19 @@ class Config(BaseConfig):
             why = graph_unsupported(self)
             if why:
                 raise ValueError(why)
+        return self
+
+    @model_validator(mode="after")
+    def _merge(self) -> Config:
+        if self.train.merge is None:
+            return self
+        if self.method != "spd":
+            raise ValueError("train.merge folds rank-1 subcomponents (method spd); remove it for method apd")
+        bad = [s for s in self.train.merge.at if not 0 <= s < self.train.steps]
+        if bad:
+            raise ValueError(f"train.merge.at: steps {bad} are not in [0, train.steps) = [0, {self.train.steps})")
+        if self.train.cuda_graph:
+            raise ValueError("train.cuda_graph does not cover train.merge (a merge edits weights between steps)")
         return self
 
     @model_validator(mode="after")

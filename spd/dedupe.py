@@ -26,11 +26,21 @@ positive values and one for its negative values: the CI penalty is the same for 
 for two firing on half each; in the later layers the two halves see the feature with different gains, since
 the earlier layers' ReLU outputs respond to one sign only). `min_overlap=0` merges those too.
 
+A piece b may also repeat several pieces at once, each on its own inputs (on ResidMLP 3, a layer-0 piece firing
+on features 9 and 58, with h_b = -0.88 h_a1 on one's inputs and 1.04 h_a2 on the other's, R^2 0.99999 where
+b fires, beside each feature's own piece). No pair passes the test above (a2 is silent on a1's inputs), so
+after the pairs every remaining b is regressed on the pieces it repeats (|cos| > `max_cos` and gain on each
+one's inputs, b firing on at least `min_overlap` of them): h_b = sum_a s_a h_a where b fires, with R^2 >
+`max_cos`^2, is folded into all of them at once, U_a += s_a U_b and V_b -= sum_a s_a V_a, again exact.
+
 The kept piece must then be important wherever either was. The CI function is refitted for that (`fit_steps`):
 a short supervised fit of its logits to max(z_a, z_b) for each kept a (the same as max of the two CIs, the
-sigmoids being monotone) and to themselves for every other subcomponent, on the inputs given. Without it the
-tail has to teach a's CI the other half, and it hardly does: a CI at 0 gets only the sigmoid's leak as gradient
-(on ResidMLP 3 a kept half still fired on one sign only 2000 steps after the merge).
+sigmoids being monotone; after a fold into several pieces, each a takes b's logit only on the inputs where
+s_a h_a is at least half of b's read) and to themselves for every other subcomponent, on the inputs given.
+Without it the tail has to teach a's CI the other half, and it hardly does: a CI at 0 gets only the sigmoid's
+leak as gradient (on ResidMLP 3 a kept half still fired on one sign only 2000 steps after the merge).
+
+During training, `train.merge` (spd.config.MergeConfig) calls this at set steps on fresh inputs.
 """
 
 from __future__ import annotations
@@ -60,8 +70,10 @@ def merge_duplicates(
     own, and the less often firing of the two fires together with the other on at least `min_overlap` of its
     inputs (firing: CI > `threshold`; alive: firing on more than `min_density` of `x`, as in the run's eval
     config). Larger means larger |V||U| (a's mechanism carries more of the write). The matrix is unchanged; the
-    CI function is then refitted for `fit_steps` Adam steps (module docstring; 0: not refitted). Returns
-    {module: [(a, b): b folded into a]}; tied modules (and their sources) are left alone."""
+    CI function is then refitted for `fit_steps` Adam steps (module docstring; 0: not refitted). A piece that
+    repeats several pieces at once, each on its own inputs, is folded into all of them (module docstring). Returns
+    {module: [(a, b): b folded into a]} (a fold into several pieces: one pair per a, same b); tied modules (and
+    their sources) are left alone."""
     if not 0 < max_cos < 1 or not 0 <= min_overlap <= 1 or not min_gain > 0:
         raise ValueError(
             "merge_duplicates needs 0 < max_cos < 1, 0 <= min_overlap <= 1 and min_gain > 0, got "
@@ -75,6 +87,7 @@ def merge_duplicates(
     ci = {n: model.lower_sigmoid(z) for n, z in logits.items()}
     skip = set(model.tied) | set(model.tied.values())
     merged: dict[str, list[tuple[int, int]]] = {}
+    scales: dict[tuple[str, int, int], float] = {}  # (module, a, b): the s of b's fold into a
     for name in model.module_names:
         if name in skip:
             continue
@@ -117,9 +130,36 @@ def merge_duplicates(
                 model.ci_fn.silence(name, b)
                 alive[j] = False
                 pairs.append((a, b))
+                scales[(name, a, b)] = float(s)
+        # b repeating several pieces at once, each on its own inputs (module docstring): where b fires,
+        # h_b = sum_a s_a h_a; on each a's inputs, b fires and reads what a reads
+        kept = {i for i in range(len(idx)) if int(idx[i]) in {a for a, _ in pairs}}
+        # [a, b]: b fires on a's inputs (on at least min_overlap of them: 0 admits sign splits, as for pairs)
+        covers = (both > 0) & (both / count[idx][:, None].double().clamp_min(1) >= min_overlap)
+        seen = gain.T  # [a, b]: b's rms on a's inputs / b's own, squared
+        on_a = (cos.T.abs() > max_cos) & (seen > min_gain**2) & covers  # [a, b]: b reads as a does, where a fires
+        for j in size[idx].argsort().tolist():
+            group = [i for i in (on_a[:, j] & alive).nonzero().flatten().tolist() if i != j]
+            if j in kept or not alive[j] or len(group) < 2:
+                continue
+            rows = f[:, j] > 0
+            H, y = h[rows][:, group], h[rows, j]
+            coef = torch.linalg.lstsq(H, y[:, None]).solution.flatten()
+            if 1 - (y - H @ coef).square().sum() / y.square().sum().clamp_min(1e-30) < max_cos**2:
+                continue
+            b = int(idx[j])
+            for i, c in zip(group, coef.to(V.dtype).tolist(), strict=True):
+                a = int(idx[i])
+                U[a] += c * U[b]
+                V[:, b] -= c * V[:, a]
+                pairs.append((a, b))
+                scales[(name, a, b)] = c
+                kept.add(i)
+            model.ci_fn.silence(name, b)
+            alive[j] = False
         merged[name] = pairs
     if fit_steps and any(merged.values()):
-        _refit_ci(model, clean.acts, logits, merged, fit_steps, seed)
+        _refit_ci(model, clean.acts, logits, merged, scales, fit_steps, seed)
     return merged
 
 
@@ -128,6 +168,7 @@ def _refit_ci(
     acts: dict[str, torch.Tensor],
     logits: dict[str, torch.Tensor],
     merged: dict[str, list[tuple[int, int]]],
+    scales: dict[tuple[str, int, int], float],
     steps: int,
     seed: int,
     lr: float = 1e-2,
@@ -139,11 +180,18 @@ def _refit_ci(
     target is exact (0 to 1 for the clamped sigmoids; -6 to 6 for the logistic one)."""
     assert model.ci_fn is not None
     lo, hi = (-6.0, 6.0) if model.lower_sigmoid is torch.sigmoid else (0.0, 1.0)
+    flat = {name: a.flatten(0, -2) if a.is_floating_point() else a.flatten() for name, a in acts.items()}
+    inner = {name: h.flatten(0, -2) for name, h in model.inner_acts(flat).items()}  # V is fixed from here
     targets, weights = {}, {}
     for name, z in logits.items():
         t, w = z.flatten(0, -2).clone(), torch.ones(z.shape[-1], device=z.device)
-        for a, b in merged.get(name, []):
-            t[:, a] = torch.maximum(t[:, a], t[:, b])
+        pairs = merged.get(name, [])
+        # each a takes b's importance where it carries most of b's read (all of it when b had one a)
+        part = {(a, b): (scales[(name, a, b)] * inner[name][:, a]).abs() for a, b in pairs}
+        whole = {b: sum(part[(a, bb)] for a, bb in pairs if bb == b) for _, b in pairs}
+        for a, b in pairs:
+            mine = part[(a, b)] >= 0.5 * whole[b]
+            t[:, a] = torch.where(mine, torch.maximum(t[:, a], z.flatten(0, -2)[:, b]), t[:, a])
             w[b] = 0.0
         targets[name], weights[name] = t, w
     n = next(iter(targets.values())).shape[0]
@@ -156,8 +204,6 @@ def _refit_ci(
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.ci_fn.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    flat = {name: a.flatten(0, -2) if a.is_floating_point() else a.flatten() for name, a in acts.items()}
-    inner = {name: h.flatten(0, -2) for name, h in model.inner_acts(flat).items()}  # V is fixed from here
     with torch.enable_grad():
         for _ in range(steps):
             rows = torch.randint(n, (batch_size // 2,), generator=generator)

@@ -16,12 +16,14 @@ from spd import distributed, graphs, io
 from spd.adversarial import PersistentAdversary
 from spd.ci import ScalarMLP
 from spd.config import Config, LRConfig, WarmupConfig
+from spd.dedupe import merge_duplicates
 from spd.evals import quick_eval
 from spd.losses import DIVERGENCES, StepContext, faithfulness_loss, total_loss
 from spd.model import ComponentModel
 from spd.task import BatchSampler, to_device
 
 MASK_SEED_OFFSET = 7919
+MERGE_SEED_OFFSET = 104_729  # a merge's inputs come from their own generator: the training data stay the same
 
 
 def _short(key: str) -> str:
@@ -150,6 +152,27 @@ class StepTimer:
         return out
 
 
+def merge_step(model: ComponentModel, sample_batch: BatchSampler, cfg: Config, step: int) -> dict[str, float]:
+    """Fold duplicate subcomponents now (train.merge, spd.dedupe) on fresh inputs; returns the number of pairs
+    folded per module. The optimizer's moments are kept: they re-adapt within a few hundred steps."""
+    mc, device = cfg.train.merge, next(model.parameters()).device
+    assert mc is not None
+    gen = torch.Generator().manual_seed(cfg.seed + MERGE_SEED_OFFSET + step)
+    x = to_device(sample_batch(mc.inputs, gen), device)
+    merged = merge_duplicates(
+        model,
+        x,
+        max_cos=mc.max_cos,
+        min_overlap=mc.min_overlap,
+        threshold=cfg.eval.ci_threshold,
+        min_density=cfg.eval.alive_min_density,
+        min_gain=mc.min_gain,
+        fit_steps=mc.fit_steps,
+        seed=cfg.seed + step,
+    )
+    return {f"merge/pairs/{name}": float(len(pairs)) for name, pairs in merged.items()}
+
+
 def train_step(
     model: ComponentModel,
     x: Any,
@@ -197,6 +220,9 @@ def train(
         )
     if tc.cuda_graph and distributed.active():
         raise RuntimeError("train.cuda_graph does not cover data-parallel runs (torchrun); set train.cuda_graph=false")
+    if tc.merge is not None and distributed.active():
+        raise RuntimeError("train.merge does not cover data-parallel runs (torchrun) yet; remove train.merge")
+    merge_at = set(tc.merge.at) if tc.merge is not None else set()
     rank, main = distributed.rank(), distributed.is_main()
     seed = cfg.seed + rank * distributed.RANK_SEED_OFFSET  # data parallel: every rank its own data and masks
     data_gen = torch.Generator().manual_seed(seed)  # data is sampled on the CPU, then moved
@@ -251,6 +277,11 @@ def train(
     )
     timer = StepTimer(device)
     for step in bar:
+        if step in merge_at:
+            row = merge_step(model, sample_batch, cfg, step)
+            bar.write(f"step {step}: merged " + ", ".join(f"{k.split('/')[-1]} {int(v)}" for k, v in row.items()))
+            if log is not None:
+                log(step, row)
         timer.start()
         lr = lr_at(step, tc.steps, tc.lr)
         graphs.set_lr(opt, lr)

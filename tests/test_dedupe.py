@@ -109,3 +109,96 @@ def test_silence_makes_one_subcomponent_unimportant_everywhere(ci_type: str):
     ci = model.causal_importances(torch.randn(64, 3)).lower
     assert (ci["2"][:, 1] == 0).all()
     assert (ci["2"][:, [0, 2]] > 0).any() and (ci["0"] > 0).any()
+
+
+def _merge_cfg(**merge):
+    from spd.config import load_config
+
+    return load_config(
+        {
+            "target": {"factory": "toy_models.tms:tms_task"},
+            "decomposition": {"modules": [{"pattern": "0", "C": 4}], "ci_fn": {"type": "mlp", "hidden": [1]}},
+            "losses": [{"name": "stochastic_recon", "coeff": 1.0}, {"name": "importance_minimality", "coeff": 1e-3}],
+            "train": {
+                "steps": 2,
+                "batch_size": 64,
+                "lr": {"peak": 1e-6},
+                "faithfulness_warmup": {"steps": 0},
+                "merge": {"at": [1], "fit_steps": 0, **merge},
+            },
+            "eval": {"alive_min_density": 0.0},
+        }
+    )
+
+
+def test_training_merges_duplicates_at_the_configured_step():
+    from spd.train import train
+
+    model, rows = _model(), []
+    train(
+        model,
+        lambda b, g: torch.randn(b, 3, generator=g),
+        _merge_cfg(),
+        log=lambda s, r: rows.append((s, r)),
+        progress=False,
+    )
+    assert (1, {"merge/pairs/0": 1.0}) in rows and not any("merge/pairs/0" in r for s, r in rows if s != 1)
+    x = torch.randn(256, 3, generator=torch.Generator().manual_seed(2))
+    ci = model.importances(x, model.clean_pass(x)).lower["0"]
+    assert (ci[:, 1] == 0).all() and (ci[:, 0] > 0).any()  # piece 1 folded into 0 and silenced
+    unmerged, rows = _model(), []
+    cfg = _merge_cfg().model_copy(update={"train": _merge_cfg().train.model_copy(update={"merge": None})})
+    train(
+        unmerged, lambda b, g: torch.randn(b, 3, generator=g), cfg, log=lambda s, r: rows.append((s, r)), progress=False
+    )
+    assert not any(k.startswith("merge/") for _, r in rows for k in r)
+    assert (unmerged.importances(x, unmerged.clean_pass(x)).lower["0"][:, 1] > 0).any()
+
+
+def test_merge_config_names_bad_steps():
+    from spd.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="train.merge.at"):
+        _merge_cfg(at=[2])
+
+
+def _three_feature_model() -> tuple[ComponentModel, torch.Tensor]:
+    """fc: 3 -> 2, one feature active per input (positive values). Pieces 0, 1 and 3 read features 0, 1 and 2;
+    piece 2 reads e0 - e1 and fires on both features 0 and 1 (it repeats piece 0 there and -piece 1 here)."""
+    torch.manual_seed(0)
+    target = nn.Sequential(nn.Linear(3, 2, bias=False))
+    model = ComponentModel(target, [ModuleSpec(pattern="0", C=4)], CIConfig(type="mlp", hidden=[2]))
+    comp = model.comp("0")
+    with torch.no_grad():
+        comp.V.copy_(torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, -1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]))
+        comp.U.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.3, 0.3], [1.0, 1.0]]))
+        net = model.ci_fn.nets["0"]
+        net.w_in.copy_(torch.tensor([[10.0, 0.0], [10.0, 0.0], [10.0, -10.0], [10.0, 0.0]]))  # piece 2: |h|
+        net.b_in.zero_()
+        net.w_out.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 0.0]]))
+        net.b_out.zero_()
+    g = torch.Generator().manual_seed(1)
+    which = torch.randint(3, (3000,), generator=g)
+    x = torch.zeros(3000, 3)
+    x[torch.arange(3000), which] = 0.2 + 0.8 * torch.rand(3000, generator=g)
+    return model, x
+
+
+def test_a_piece_repeating_two_pieces_on_their_own_inputs_is_folded_into_both():
+    model, x = _three_feature_model()
+    comp = model.comp("0")
+    before = comp.weight().clone()
+    assert merge_duplicates(model, x, fit_steps=0) == {"0": [(0, 2), (1, 2)]}
+    assert torch.allclose(comp.weight(), before, atol=1e-6)
+    assert torch.allclose(comp.U[0], torch.tensor([1.3, 0.3])) and torch.allclose(comp.U[1], torch.tensor([-0.3, 0.7]))
+    assert torch.allclose(comp.V[:, 2], torch.zeros(3), atol=1e-6)  # nothing left to read: a spare
+
+
+def test_after_a_fold_into_two_pieces_each_takes_importance_only_on_its_own_inputs():
+    model, x = _three_feature_model()
+    assert merge_duplicates(model, x) == {"0": [(0, 2), (1, 2)]}
+    ci = model.causal_importances(x).lower["0"]
+    on0, on1 = x[:, 0] > 0.3, x[:, 1] > 0.3
+    assert ci[on0, 0].min() > 0.9 and ci[on1, 1].min() > 0.9
+    assert ci[on1, 0].max() < 0.1 and ci[on0, 1].max() < 0.1  # not piece 2's union of both
+    assert (ci[:, 2] == 0).all()
