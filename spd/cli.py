@@ -347,7 +347,7 @@ def cmd_group(args: argparse.Namespace) -> int:
     import torch
 
     from spd.compare import target_fingerprint
-    from spd.mechanisms import compare_groupings, group_model, grouping_path, module_inputs, save_result
+    from spd.mechanisms import compare_groupings, group_model, grouping_path, save_result
     from spd.run import load_run
     from spd.task import to_device
 
@@ -390,7 +390,7 @@ def cmd_group(args: argparse.Namespace) -> int:
                 print(f"stability: {da} and {db} decompose different targets; not compared")
                 continue
             x = to_device(ra.task.sample_batch(2048, torch.Generator().manual_seed(0)), ra.device)
-            cmp = compare_groupings(a["mdl"], ra.model, b["mdl"], rb.model, module_inputs(ra.model, x))
+            cmp = compare_groupings(a["mdl"], ra.model, b["mdl"], rb.model, x)
             pairs.append({"a": str(da), "b": str(db), **cmp})
             print(f"stability {da.name} vs {db.name}: {cmp['mechanisms_a']} vs {cmp['mechanisms_b']} mechanisms; "
                   f"{cmp['matched_cos>=0.9']} matched at cos >= 0.9 ({cmp['matched_same_rank']} of them with equal "

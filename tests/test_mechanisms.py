@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from spd.ci import CIConfig
 from spd.cli import main as spd_main
 from spd.mechanisms import (
     Grouping,
@@ -15,11 +16,11 @@ from spd.mechanisms import (
     group_model,
     grouping_path,
     load_grouping,
-    module_inputs,
     save_result,
     score_against_truth,
     truth_labels,
 )
+from spd.model import ComponentModel, ModuleSpec
 from tests.helpers import tiny_tms_config
 
 
@@ -108,9 +109,32 @@ def test_scores_against_truth_hand_case():
 
 def test_a_grouping_compared_with_itself_matches_everything(cm):
     g = _grouping()
-    cmp = compare_groupings(g, cm, g, cm, module_inputs(cm, torch.randn(16, 3)))
+    cmp = compare_groupings(g, cm, g, cm, torch.randn(16, 3))
     assert cmp["matched_cos>=0.9"] == 2 and cmp["matched_same_rank"] == 2
     assert cmp["mean_matched_cos"] == pytest.approx(1.0)
+
+
+def test_decompositions_differing_where_nothing_downstream_reads_are_the_same_mechanisms():
+    """Layer 0 writes into 3 hidden dimensions; layer 1 reads the first and the third. Decomposition b adds to piece 0's
+    write a large part along hidden dimension 1 (the delta component takes it back): the weights' actions differ
+    (cosine 0.2), what each piece does to the output does not."""
+    target = torch.nn.Sequential(torch.nn.Linear(2, 3, bias=False), torch.nn.Linear(3, 1, bias=False))
+    with torch.no_grad():
+        target[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]))  # (out, in)
+        target[1].weight.copy_(torch.tensor([[1.0, 0.0, 1.0]]))
+    models = []
+    for extra in (0.0, 5.0):
+        m = ComponentModel(target, [ModuleSpec(pattern="0", C=2)], CIConfig(type="mlp", hidden=[2]))
+        with torch.no_grad():
+            m.comp("0").V.copy_(torch.eye(2))
+            m.comp("0").U.copy_(torch.tensor([[1.0, extra, 0.0], [0.0, 0.0, 1.0]]))
+        models.append(m)
+    g = Grouping([Mechanism("m0", (("0", 0),)), Mechanism("m1", (("0", 1),))], {"method": "mdl", "alpha": 2.0})
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    cmp = compare_groupings(g, models[0], g, models[1], x)
+    assert cmp["matched_cos>=0.9"] == 2 and cmp["mean_matched_cos"] == pytest.approx(1.0)
+    action = [x @ m.comp("0").weight_of(torch.tensor([0])) for m in models]
+    assert torch.nn.functional.cosine_similarity(action[0].flatten(), action[1].flatten(), dim=0) < 0.9
 
 
 def test_group_model_on_planted_structure(cm):
