@@ -349,7 +349,7 @@ def cmd_group(args: argparse.Namespace) -> int:
     from spd.compare import target_fingerprint
     from spd.mechanisms import compare_groupings, group_model, grouping_path, save_result
     from spd.run import load_run
-    from spd.task import to_device
+    from spd.task import same_inputs, to_device
 
     dirs = [Path(d) for d in args.run_dirs]
     for d in dirs:  # refuse before any work is done
@@ -388,6 +388,11 @@ def cmd_group(args: argparse.Namespace) -> int:
         for db, rb, b in done[i + 1 :]:
             if target_fingerprint(da) != target_fingerprint(db):
                 print(f"stability: {da} and {db} decompose different targets; not compared")
+                continue
+            if not same_inputs(ra.task, rb.task):
+                print(f"stability: {da} and {db} decompose the same target weights on different data (their tasks "
+                      "draw different inputs from one seed: a seed-dependent input basis? give both the same "
+                      "target.kwargs.seed); not compared")  # fmt: skip
                 continue
             x = to_device(ra.task.sample_batch(2048, torch.Generator().manual_seed(0)), ra.device)
             cmp = compare_groupings(a["mdl"], ra.model, b["mdl"], rb.model, x)

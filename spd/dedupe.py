@@ -133,7 +133,8 @@ def merge_duplicates(
                 scales[(name, a, b)] = float(s)
         # b repeating several pieces at once, each on its own inputs (module docstring): where b fires,
         # h_b = sum_a s_a h_a; on each a's inputs, b fires and reads what a reads
-        kept = {i for i in range(len(idx)) if int(idx[i]) in {a for a, _ in pairs}}
+        into = {a for a, _ in pairs}
+        kept = {i for i in range(len(idx)) if int(idx[i]) in into}
         # [a, b]: b fires on a's inputs (on at least min_overlap of them: 0 admits sign splits, as for pairs)
         covers = (both > 0) & (both / count[idx][:, None].double().clamp_min(1) >= min_overlap)
         seen = gain.T  # [a, b]: b's rms on a's inputs / b's own, squared

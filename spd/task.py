@@ -61,6 +61,16 @@ def held_out(sample: BatchSampler, n: int, batch_size: int, seed: int) -> list[A
     return [sample(min(batch_size, n - i), g) for i in range(0, n, batch_size)]
 
 
+def same_inputs(a: Task, b: Task, n: int = 64, seed: int = 0) -> bool:
+    """Whether two tasks draw the same inputs from one generator seed (as far as one batch of n shows): two runs
+    with equal target weights can still see different data, e.g. a toy whose input basis follows the task's
+    seed (toy_models.cyclic) rebuilt with another seed around the same weights."""
+    xa, xb = (t.sample_batch(n, torch.Generator().manual_seed(seed)) for t in (a, b))
+    if isinstance(xa, dict) and isinstance(xb, dict):
+        return xa.keys() == xb.keys() and all(torch.equal(xa[k], xb[k]) for k in xa)
+    return isinstance(xa, Tensor) and isinstance(xb, Tensor) and torch.equal(xa, xb)
+
+
 def to_device(x: Any, device: torch.device) -> Any:
     """Move a batch (a tensor, or a dict of tensors such as tokenizer output) to `device`."""
     if isinstance(x, Tensor):
