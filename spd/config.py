@@ -130,7 +130,8 @@ class TrainConfig(BaseConfig):
         None,
         description="a finished run directory of the same target and decomposition: start from its components "
         "and CI function instead of a fresh initialisation (a new tail schedule on top of a run); the "
-        "faithfulness warm-up still runs unless train.faithfulness_warmup.steps is 0",
+        "faithfulness warm-up still runs unless train.faithfulness_warmup.steps is 0; with the same target recipe "
+        "(target section and seed) the run's saved target is taken instead of trained again",
     )
     merge: MergeConfig | None = Field(
         None,

@@ -47,6 +47,8 @@ def test_init_from_starts_from_a_finished_run_and_refuses_one_that_does_not_fit(
         assert torch.allclose(tailed.model.trainable_state_dict()[k], v, atol=1e-6), k
     assert any(not torch.allclose(v, _params(run.model)[k]) for k, v in _params(started.model).items())
     assert load_config(tmp_path / "tail" / io.CONFIG).train.init_from == str(first)  # recorded with the run
+    # the same target recipe: the tail takes the run's saved target instead of training it again
+    assert "target_source" not in tailed.task.info and started.task.info["target_source"] != "shipped"
 
     other_target = tiny_tms_config(init_from=str(first))
     other_target["seed"] = 1  # the seed trains another target
