@@ -30,6 +30,7 @@ from spd.components import module_kind
 from spd.lm_metrics import scored_positions
 from spd.model import target_output
 from spd.names import target_modules
+from spd.replay import FixedPrefix
 
 UnitKind = Literal["neuron", "head", "kv_head"]
 OUT_PROJ = {"o_proj", "out_proj", "o", "c_proj", "dense", "W_O"}
@@ -163,18 +164,27 @@ def _zeroing_hook(mod: nn.Module, u: Unit) -> Any:
 
 
 @torch.no_grad()
-def unit_effects(target: nn.Module, units: list[Unit], x: Any, batch_size: int) -> Float[Tensor, "n U"]:
+def unit_effects(
+    target: nn.Module, units: list[Unit], x: Any, batch_size: int, prefix: FixedPrefix | None = None
+) -> Float[Tensor, "n U"]:
     """Per input and unit: the squared change of the output (summed over its entries) with that unit zeroed. For an
-    LM batch with a `loss_mask`, per scored position instead (as `spd.ablate.importances` counts them)."""
+    LM batch with a `loss_mask`, per scored position instead (as `spd.ablate.importances` counts them). `prefix`
+    replays what runs before the units' modules (which must be among its changing modules) in every pass."""
+    if prefix is not None and (outside := sorted({u.module for u in units} - prefix.changing)):
+        raise ValueError(f"units of {outside} are outside the replay's changing modules {sorted(prefix.changing)}")
     named = target_modules(target)
+
+    def run(xb: Any) -> Tensor:
+        return target_output(target, xb) if prefix is None else prefix.output(target, xb)
+
     cols = []
     for xb in chunks(x, batch_size):
-        ref = target_output(target, xb)
+        ref = run(xb)
         row = []
         for u in units:
             h = _zeroing_hook(named[u.module], u)
             try:
-                row.append(_per_scored_input((target_output(target, xb) - ref).pow(2), xb))
+                row.append(_per_scored_input((run(xb) - ref).pow(2), xb))
             finally:
                 h.remove()
         cols.append(torch.stack(row, dim=-1).cpu())

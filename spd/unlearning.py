@@ -51,6 +51,7 @@ from spd.losses import DIVERGENCES
 from spd.mechanisms import Grouping, member_masks
 from spd.model import target_output
 from spd.names import target_modules
+from spd.replay import FixedPrefix
 from spd.task import TaskMetrics, batch_len
 from spd.units import Unit, kinds_text, target_units, unit_effects, zero_units
 
@@ -71,18 +72,24 @@ def measure(
     output_loss: str,
     batch_size: int,
     divergence: bool = True,
+    prefix: FixedPrefix | None = None,
 ) -> dict[str, float]:
     """Means over x of the task metrics (loss, accuracy, ...) and, with `divergence` (always when the task has no
-    metrics), of the divergence from the original output (one more pass of the original per batch)."""
+    metrics), of the divergence from the original output (one more pass of the original per batch). `prefix`
+    replays the unchanged part of each pass (`spd.replay`)."""
     div = DIVERGENCES[output_loss]
+
+    def run(t: nn.Module, xb: Any) -> Tensor:
+        return target_output(t, xb) if prefix is None else prefix.output(t, xb)
+
     sums: dict[str, float] = {}
     n = 0
     for xb in chunks(x, batch_size):
-        out = target_output(target, xb)
+        out = run(target, xb)
         b = batch_len(xb)
         vals = {k: v.double().sum().item() for k, v in (metrics(xb, out) if metrics else {}).items()}
         if divergence or metrics is None:
-            ref = target_output(original, xb)
+            ref = run(original, xb)
             if out.ndim == 3 and (at := scored_positions(out, xb)) is not None:  # LM: the scored positions only
                 out, ref = at, scored_positions(ref, xb)
             vals[f"{output_loss}_to_original"] = div(out, ref).item() * b
@@ -103,9 +110,11 @@ def zeroed_target(target: nn.Module, modules: list[str]) -> nn.Module:
 
 # ---- unit (neuron / head) baseline ---------------------------------------------------------------------
 def unit_scores(
-    target: nn.Module, units: list[Unit], forget: Any, retain: Any, threshold: float, batch_size: int
-) -> Scores:
-    ef, er = unit_effects(target, units, forget, batch_size), unit_effects(target, units, retain, batch_size)
+    target: nn.Module, units: list[Unit], forget: Any, retain: Any, threshold: float, batch_size: int,
+    prefix: FixedPrefix | None = None,
+) -> Scores:  # fmt: skip
+    ef = unit_effects(target, units, forget, batch_size, prefix)
+    er = unit_effects(target, units, retain, batch_size, prefix)
     scale = torch.cat([ef, er]).amax(0).clamp_min(1e-30)
     return Scores([u.label for u in units], firing(ef / scale, threshold), firing(er / scale, threshold))
 
@@ -145,12 +154,14 @@ def unlearning_study(
         selection, _ = select_by_data(model, f_sel, r_sel, rule, grouping, batch_size)
     original: nn.Module = model.target
     key = "loss" if metrics is not None else f"{output_loss}_to_original"
+    # every model below differs from the original only in the decomposed matrices: replay what runs before them
+    prefix = FixedPrefix(original, list(model.module_names))
 
     def on(t: nn.Module, x: Any) -> dict[str, float]:
-        return measure(t, original, x, metrics, output_loss, batch_size)
+        return measure(t, original, x, metrics, output_loss, batch_size, prefix=prefix)
 
     def forget_score(t: nn.Module) -> float:  # the matched quantity only (baselines evaluate it every step)
-        return measure(t, original, f_eval, metrics, output_loss, batch_size, divergence=False)[key]
+        return measure(t, original, f_eval, metrics, output_loss, batch_size, divergence=False, prefix=prefix)[key]
 
     def entry(t: nn.Module, **extra: Any) -> dict[str, Any]:
         stats = edit_stats(original, t)
@@ -175,9 +186,9 @@ def unlearning_study(
         if not mods:
             raise ValueError(f"--neurons {neuron_modules!r} matches no decomposed module ({list(model.module_names)})")
         t, info = _neurons_matched(original, mods, f_sel, r_sel, rule, forget_score, target_loss,
-                                   batch_size)  # fmt: skip
+                                   batch_size, prefix)  # fmt: skip
         methods["neurons"], out_models["neurons"] = entry(t, **info), t
-        obj = _objective(original, metrics, output_loss)
+        obj = _objective(original, metrics, output_loss, prefix)
         t, info = _gradient_ascent(original, list(model.module_names), f_sel, obj, forget_score,
                                    target_loss, ga_lr, ga_max_steps, batch_size)  # fmt: skip
         methods["gradient_ascent"], out_models["gradient_ascent"] = entry(t, **info), t
@@ -206,16 +217,19 @@ def unlearning_study(
 
 
 def _objective(
-    original: nn.Module, metrics: TaskMetrics | None, output_loss: str
+    original: nn.Module, metrics: TaskMetrics | None, output_loss: str, prefix: FixedPrefix | None = None
 ) -> Callable[[nn.Module, Any], Tensor]:
     div = DIVERGENCES[output_loss]
 
+    def run(t: nn.Module, x: Any) -> Tensor:
+        return target_output(t, x) if prefix is None else prefix.output(t, x)
+
     def objective(t: nn.Module, x: Any) -> Tensor:
-        out = target_output(t, x)
+        out = run(t, x)
         if metrics is not None:
             return metrics(x, out)["loss"].mean()
         with torch.no_grad():
-            ref = target_output(original, x)
+            ref = run(original, x)
         return div(out, ref)
 
     return objective
@@ -223,12 +237,12 @@ def _objective(
 
 def _neurons_matched(
     original: nn.Module, modules: list[str], f_sel: Any, r_sel: Any, rule: Rule,
-    forget_loss: Callable[[nn.Module], float], target_loss: float, batch_size: int,
+    forget_loss: Callable[[nn.Module], float], target_loss: float, batch_size: int, prefix: FixedPrefix | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
     units = target_units(original, modules)
     if not units:
         raise ValueError(f"the unit baseline found no neurons or heads in {modules}")
-    scores = unit_scores(original, units, f_sel, r_sel, rule.threshold, batch_size)
+    scores = unit_scores(original, units, f_sel, r_sel, rule.threshold, batch_size, prefix)
     passing = scores.passing(rule)
     order = passing + [i for i in scores.ranked() if i not in passing]
     t = copy.deepcopy(original)
