@@ -23,7 +23,7 @@ from spd.base_config import BaseConfig
 from spd.ci import CIConfig, _key, build_ci_function
 from spd.components import SUPPORTED, Components, TransposedComponents, module_kind
 from spd.names import hook_aliases, target_modules
-from spd.reuse import Kept, keep, prefix_modules, tensor_inputs_versions
+from spd.reuse import Kept, keep, prefix_modules, shadowed, tensor_inputs_versions
 from spd.sigmoids import SIGMOIDS, SigmoidType
 
 
@@ -193,17 +193,8 @@ class ComponentModel(nn.Module):
         self, fns: dict[str, Callable[..., Any]], modules: dict[str, nn.Module] | None = None
     ) -> Iterator[None]:
         """Shadow the forward of `modules[name]` (default: the decomposed modules) by `fns[name]`."""
-        modules = self._target_modules if modules is None else modules
-        patched: list[nn.Module] = []
-        try:
-            for name, fn in fns.items():
-                m = modules[name]
-                object.__setattr__(m, "forward", fn)
-                patched.append(m)
+        with shadowed(self._target_modules if modules is None else modules, fns):
             yield
-        finally:
-            for m in patched:
-                object.__delattr__(m, "forward")
 
     def _call_target(self, x: Any) -> Any:
         return call_target(self.target, x)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from spd.model import SCORING_KEYS, target_output
 from spd.names import target_modules
-from spd.reuse import Kept, keep, prefix_modules, tensor_inputs_versions
+from spd.reuse import Kept, keep, prefix_modules, shadowed, tensor_inputs_versions
 
 
 def batch_key(x: Any) -> Hashable:
@@ -41,6 +41,11 @@ def batch_key(x: Any) -> Hashable:
         elif k not in SCORING_KEYS:
             raise TypeError(f"cannot key a batch holding a {type(v).__name__} under {k!r}")
     return tuple(key)
+
+
+def run_target(t: nn.Module, x: Any, prefix: FixedPrefix | None = None) -> Tensor:
+    """`target_output(t, x)`, through `prefix` when one is given."""
+    return target_output(t, x) if prefix is None else prefix.output(t, x)
 
 
 def _detached(out: Any) -> Any:
@@ -99,19 +104,13 @@ class FixedPrefix:
         def start(*_: Any) -> None:
             state["started"] = True
 
+        mods = {n: t.get_submodule(n) for n in self._prefix}
+        mods = {n: m for n, m in mods.items() if "forward" not in m.__dict__}  # already shadowed by someone else
         hooks = [t.get_submodule(n).register_forward_pre_hook(start) for n in self._changing_raw]
-        shadowed: list[nn.Module] = []
         try:
-            for n in self._prefix:
-                m = t.get_submodule(n)
-                if "forward" in m.__dict__:  # already shadowed by someone else: leave it alone
-                    continue
-                object.__setattr__(m, "forward", patched(n, m.forward))
-                shadowed.append(m)
-            out = target_output(t, x)
+            with shadowed(mods, {n: patched(n, m.forward) for n, m in mods.items()}):
+                out = target_output(t, x)
         finally:
-            for m in shadowed:
-                object.__delattr__(m, "forward")
             for h in hooks:
                 h.remove()
         if kept is None:

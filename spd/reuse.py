@@ -17,6 +17,8 @@ reuse but never changes a result.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +57,22 @@ def keep(out: Any, inputs: tuple[Any, ...], input_versions: tuple[int, ...]) -> 
 
 def tensor_inputs_versions(inputs: tuple[Any, ...]) -> tuple[int, ...]:
     return tuple(a._version for a in inputs if isinstance(a, Tensor))
+
+
+@contextmanager
+def shadowed(modules: dict[str, nn.Module], fns: dict[str, Callable[..., Any]]) -> Iterator[None]:
+    """Shadow the forward of `modules[name]` by `fns[name]` (an instance attribute, so the module's hooks still
+    run), restored on exit."""
+    patched: list[nn.Module] = []
+    try:
+        for name, fn in fns.items():
+            m = modules[name]
+            object.__setattr__(m, "forward", fn)
+            patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            object.__delattr__(m, "forward")
 
 
 def prefix_modules(target: nn.Module, decomposed: list[nn.Module]) -> dict[str, nn.Module]:

@@ -28,9 +28,8 @@ from torch import Tensor, nn
 from spd.ablate import chunks
 from spd.components import module_kind
 from spd.lm_metrics import scored_positions
-from spd.model import target_output
 from spd.names import target_modules
-from spd.replay import FixedPrefix
+from spd.replay import FixedPrefix, run_target
 
 UnitKind = Literal["neuron", "head", "kv_head"]
 OUT_PROJ = {"o_proj", "out_proj", "o", "c_proj", "dense", "W_O"}
@@ -173,18 +172,14 @@ def unit_effects(
     if prefix is not None and (outside := sorted({u.module for u in units} - prefix.changing)):
         raise ValueError(f"units of {outside} are outside the replay's changing modules {sorted(prefix.changing)}")
     named = target_modules(target)
-
-    def run(xb: Any) -> Tensor:
-        return target_output(target, xb) if prefix is None else prefix.output(target, xb)
-
     cols = []
     for xb in chunks(x, batch_size):
-        ref = run(xb)
+        ref = run_target(target, xb, prefix)
         row = []
         for u in units:
             h = _zeroing_hook(named[u.module], u)
             try:
-                row.append(_per_scored_input((run(xb) - ref).pow(2), xb))
+                row.append(_per_scored_input((run_target(target, xb, prefix) - ref).pow(2), xb))
             finally:
                 h.remove()
         cols.append(torch.stack(row, dim=-1).cpu())

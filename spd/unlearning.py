@@ -51,7 +51,7 @@ from spd.losses import DIVERGENCES
 from spd.mechanisms import Grouping, member_masks
 from spd.model import target_output
 from spd.names import target_modules
-from spd.replay import FixedPrefix
+from spd.replay import FixedPrefix, run_target
 from spd.task import TaskMetrics, batch_len
 from spd.units import Unit, kinds_text, target_units, unit_effects, zero_units
 
@@ -78,18 +78,14 @@ def measure(
     metrics), of the divergence from the original output (one more pass of the original per batch). `prefix`
     replays the unchanged part of each pass (`spd.replay`)."""
     div = DIVERGENCES[output_loss]
-
-    def run(t: nn.Module, xb: Any) -> Tensor:
-        return target_output(t, xb) if prefix is None else prefix.output(t, xb)
-
     sums: dict[str, float] = {}
     n = 0
     for xb in chunks(x, batch_size):
-        out = run(target, xb)
+        out = run_target(target, xb, prefix)
         b = batch_len(xb)
         vals = {k: v.double().sum().item() for k, v in (metrics(xb, out) if metrics else {}).items()}
         if divergence or metrics is None:
-            ref = run(original, xb)
+            ref = run_target(original, xb, prefix)
             if out.ndim == 3 and (at := scored_positions(out, xb)) is not None:  # LM: the scored positions only
                 out, ref = at, scored_positions(ref, xb)
             vals[f"{output_loss}_to_original"] = div(out, ref).item() * b
@@ -221,15 +217,12 @@ def _objective(
 ) -> Callable[[nn.Module, Any], Tensor]:
     div = DIVERGENCES[output_loss]
 
-    def run(t: nn.Module, x: Any) -> Tensor:
-        return target_output(t, x) if prefix is None else prefix.output(t, x)
-
     def objective(t: nn.Module, x: Any) -> Tensor:
-        out = run(t, x)
+        out = run_target(t, x, prefix)
         if metrics is not None:
             return metrics(x, out)["loss"].mean()
         with torch.no_grad():
-            ref = run(original, x)
+            ref = run_target(original, x, prefix)
         return div(out, ref)
 
     return objective
