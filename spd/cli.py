@@ -291,6 +291,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     import torch
 
     from spd.ablate import Rule, Selection, mechanism_members, parse_members
+    from spd.effects import EffectRule
     from spd.mechanisms import load_grouping
     from spd.run import load_run
     from spd.task import to_device
@@ -321,11 +322,16 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     forget = load_data(args.forget, run.task.subsets, args.n, run.config.seed)
     retain = load_data(args.retain, run.task.subsets, args.n, run.config.seed + 1)
     forget, retain = to_device(forget, run.device), to_device(retain, run.device)
-    rule = Rule(args.threshold if args.threshold is not None else run.config.eval.ci_threshold, args.forget_min,
-                args.retain_max, args.min_ratio)  # fmt: skip
+    threshold = args.threshold if args.threshold is not None else run.config.eval.ci_threshold
+    rule: Rule | EffectRule = (
+        EffectRule(args.effect_min, args.effect_ratio, threshold, args.candidate_min)
+        if args.by == "effect"
+        else Rule(threshold, args.forget_min, args.retain_max, args.min_ratio)
+    )
     study = unlearning_study(
         run.model, forget, retain, selection, rule, grouping, run.task.metrics, run.config.output_loss,
         baselines=not args.no_baselines, neuron_modules=args.neurons, ga_lr=args.ga_lr, ga_max_steps=args.ga_steps,
+        cap_at_zero=not args.no_cap, neuron_inputs=args.neuron_inputs,
     )  # fmt: skip
     study.report["data"] = {"forget": args.forget, "retain": args.retain, "run_dir": str(run_dir)}
     if not args.no_honest_scale and run.task.metrics is not None:
@@ -541,6 +547,10 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--ids", nargs="+", metavar="MODULE:C", help="ablate these subcomponents (e.g. linear1:3,7)")
     a.add_argument("--grouping", help="a grouping-alpha*.json (`spd group`): choose among its mechanisms")
     a.add_argument("--mechanisms", nargs="+", metavar="NAME", help="ablate these mechanisms of --grouping")
+    a.add_argument("--by", choices=["importance", "effect"], default="importance",
+                   help="data rule: importance (where a unit matters: --forget-min/--retain-max/--min-ratio) or "
+                   "effect (which way: the loss change when it alone is removed: --effect-min/--effect-ratio; "
+                   "one pass per candidate; the neuron/head baseline is chosen by the same rule)")  # fmt: skip
     a.add_argument("--threshold", type=float, help="importance threshold of the rule (default: eval.ci_threshold)")
     a.add_argument("--forget-min", type=float, default=0.5,
                    help="choose units important on at least this fraction of forget inputs (default 0.5)")  # fmt: skip
@@ -548,8 +558,26 @@ def parser() -> argparse.ArgumentParser:
                    help="... on at most this fraction of retain inputs (default 0.05)")  # fmt: skip
     a.add_argument("--min-ratio", type=float, default=10.0,
                    help="... and at least this many times as often on forget as on retain (default 10)")  # fmt: skip
+    a.add_argument("--effect-min", type=float, default=0.001,
+                   help="--by effect: removing the unit alone raises the forget loss by at least this fraction "
+                   "(default 0.001)")  # fmt: skip
+    a.add_argument(
+        "--effect-ratio",
+        type=float,
+        default=10.0,
+        help="--by effect: ... and at least this many times the retain loss's relative rise (default 10)",
+    )
+    a.add_argument("--candidate-min", type=float, default=0.01,
+                   help="--by effect: candidates are important on at least this fraction of forget inputs "
+                   "(default 0.01)")  # fmt: skip
+    a.add_argument("--no-cap", action="store_true",
+                   help="match the baselines to the component edit's forget loss even past the zero-ablation level "
+                   "(for a model whose decomposed matrices are only part of what computes the answer)")  # fmt: skip
     a.add_argument("--n", type=int, default=4096, help="inputs drawn per named slice (half choose, half measure)")
     a.add_argument("--neurons", help="glob of decomposed modules whose neurons/heads the unit baseline may zero")
+    a.add_argument("--neuron-inputs", action="store_true",
+                   help="the unit baseline zeroes input units of matrices outside attention (an MLP output "
+                   "matrix's hidden neurons) instead of output units")  # fmt: skip
     a.add_argument("--no-baselines", action="store_true", help="skip the neuron/head and gradient-ascent baselines")
     a.add_argument("--ga-lr", type=float, default=1e-3, help="gradient-ascent baseline: Adam learning rate")
     a.add_argument("--ga-steps", type=int, default=2000, help="gradient-ascent baseline: most steps")

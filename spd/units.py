@@ -4,6 +4,10 @@ attention heads, how to zero them, and how much the output changes when each one
 A unit is a block of one matrix:
 - neuron: output unit j of any decomposed matrix, its row of W (a column for HF Conv1D) and its bias entry; for an
   MLP's input matrix these are its hidden neurons;
+- input: input unit j of a matrix outside attention, the column of W that reads it (`target_units(...,
+  inputs=True)`); for an MLP's output matrix (`down_proj`, `fc2`, `mlp_out`) these are its hidden neurons, which
+  is what "ablating a neuron" means when only that matrix is decomposed (its output units are residual-stream
+  dimensions);
 - head: attention head h of an attention output projection (`o_proj`, `out_proj`, TransformerLens `attn.o`, GPT-2
   `attn.c_proj`, ...), the d_head input columns of W that read head h's output; the bias stays;
 - kv_head: key/value head h of a value projection (`v_proj`, `attn.v`), its d_head output rows and bias entries;
@@ -31,7 +35,7 @@ from spd.lm_metrics import scored_positions
 from spd.names import target_modules
 from spd.replay import FixedPrefix, run_target
 
-UnitKind = Literal["neuron", "head", "kv_head"]
+UnitKind = Literal["neuron", "input", "head", "kv_head"]
 OUT_PROJ = {"o_proj", "out_proj", "o", "c_proj", "dense", "W_O"}
 VALUE_PROJ = {"v_proj", "v", "value", "W_V"}
 
@@ -41,7 +45,7 @@ class Unit:
     module: str
     index: int
     kind: UnitKind = "neuron"
-    width: int = 1  # rows (neuron, kv_head) or input columns (head) of the matrix it covers
+    width: int = 1  # rows (neuron, kv_head) or input columns (input, head) of the matrix it covers
 
     @property
     def span(self) -> slice:
@@ -49,7 +53,13 @@ class Unit:
 
     @property
     def label(self) -> str:
-        return f"{self.module}#{self.index}" if self.kind == "neuron" else f"{self.module}#{self.kind}{self.index}"
+        kind = {"neuron": "", "input": "in"}.get(self.kind, self.kind)
+        return f"{self.module}#{kind}{self.index}"
+
+    @property
+    def reads(self) -> bool:
+        """Whether it is a block of input columns (zeroed in the module's input) rather than of output rows."""
+        return self.kind in ("input", "head")
 
 
 def _first(obj: Any, names: tuple[str, ...]) -> int | None:
@@ -103,9 +113,10 @@ def _io_dims(mod: nn.Module) -> tuple[int, int]:
     return (w.shape[1], w.shape[0]) if module_kind(mod) == "linear" else (w.shape[0], w.shape[1])
 
 
-def target_units(target: nn.Module, modules: list[str]) -> list[Unit]:
+def target_units(target: nn.Module, modules: list[str], inputs: bool = False) -> list[Unit]:
     """The units of `modules`: heads for attention output projections, kv heads for value projections whose
-    output projection is not listed, neurons (output units) for every other linear or Conv1D matrix."""
+    output projection is not listed, neurons (output units; with `inputs`, input units) for every other linear or
+    Conv1D matrix."""
     named = target_modules(target)
     units: list[Unit] = []
     for m in modules:
@@ -117,7 +128,7 @@ def target_units(target: nn.Module, modules: list[str]) -> list[Unit]:
         if role is not None and role[0] == "value" and _has_out_proj(named, m, modules):
             continue  # the output projection's head units remove these heads already
         if role is None:
-            units += [Unit(m, j) for j in range(d_out)]
+            units += [Unit(m, j, "input") for j in range(d_in)] if inputs else [Unit(m, j) for j in range(d_out)]
         elif role[0] == "other":
             continue
         elif role[0] == "out" and d_in % role[1] == 0:
@@ -131,12 +142,12 @@ def target_units(target: nn.Module, modules: list[str]) -> list[Unit]:
 
 @torch.no_grad()
 def zero_units(target: nn.Module, units: list[Unit]) -> None:
-    """Zero each unit's block of its matrix in place (and its bias entries, for neurons and kv heads)."""
+    """Zero each unit's block of its matrix in place (and its bias entries, for output neurons and kv heads)."""
     named = target_modules(target)
     for u in units:
         mod = named[u.module]
         w = mod.weight if module_kind(mod) == "linear" else mod.weight.T  # (d_out, d_in) view
-        if u.kind == "head":
+        if u.reads:
             w[:, u.span] = 0.0
             continue
         w[u.span] = 0.0
@@ -144,8 +155,8 @@ def zero_units(target: nn.Module, units: list[Unit]) -> None:
             mod.bias[u.span] = 0.0
 
 
-def _zeroing_hook(mod: nn.Module, u: Unit) -> Any:
-    if u.kind == "head":
+def zeroing_hook(mod: nn.Module, u: Unit) -> Any:
+    if u.reads:
 
         def pre(_mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             x = args[0].clone()
@@ -177,7 +188,7 @@ def unit_effects(
         ref = run_target(target, xb, prefix)
         row = []
         for u in units:
-            h = _zeroing_hook(named[u.module], u)
+            h = zeroing_hook(named[u.module], u)
             try:
                 row.append(_per_scored_input((run_target(target, xb, prefix) - ref).pow(2), xb))
             finally:
@@ -196,7 +207,7 @@ def kinds_text(units: list[Unit]) -> str:
     counts: dict[str, int] = {}
     for u in units:
         counts[u.kind] = counts.get(u.kind, 0) + 1
-    names = {"neuron": "neurons", "head": "heads", "kv_head": "kv heads"}
+    names = {"neuron": "neurons", "input": "input units", "head": "heads", "kv_head": "kv heads"}
     if len(counts) <= 1:
         return names[next(iter(counts), "neuron")]
     return "units (" + ", ".join(f"{n} {names[k]}" for k, n in counts.items()) + ")"

@@ -8,16 +8,23 @@ Methods (each edits the decomposed matrices only):
 - components: W' = W - sum(selected subcomponents), `spd.ablate.edited_target`;
 - neurons/heads (key "neurons"): whole units of the decomposed matrices zeroed (`spd.units`): attention heads in
   attention output (or value) projections, output units elsewhere (a row of W and its bias entry; for an MLP's
-  input matrix, its hidden neurons). A unit's importance on an input is the squared change of the model's output
-  when that unit alone is zeroed, divided by its largest value on the selection data. The same `Rule` ranks the
-  units, and they are ablated in that order (those the rule selects first) until the held-out forget loss reaches
-  the component edit's;
+  input matrix, its hidden neurons) or, with `neuron_inputs`, input units (a column of W; for an MLP's output
+  matrix, its hidden neurons). The same rule ranks the units as chose the components: with an importance
+  `Rule`, a unit's importance on an input is the squared change of the model's output when that unit alone is
+  zeroed, divided by its largest value on the selection data; with an `EffectRule` (`spd.effects`), the change of
+  the selection losses when it alone is zeroed. They are ablated in that order (those the rule selects first)
+  until the held-out forget loss reaches the component edit's (if it never does, the prefix of that order with the
+  highest forget loss is kept and reported as not matched);
 - gradient ascent: Adam on the decomposed matrices' weights, maximising the forget loss on the selection half,
   stopped at the first step whose held-out forget loss reaches the component edit's.
 
 Reference for the forget side: the forget loss with every decomposed matrix zeroed (nothing passes through them;
 for a toy whose decomposed matrices compute the answer, the loss of predicting zero), so `forget_vs_zero` = forget
-loss / that reference says how far the edit went towards knowing nothing. The task loss is the target's own (its
+loss / that reference says how far the edit went towards knowing nothing. By default the baselines are matched to
+the component edit's forget loss capped at that reference (past it, a toy's baselines would have to know less than
+nothing); `cap_at_zero=False` drops the cap, for a model whose decomposed matrices are only part of what computes
+the answer (one matrix of a language model: removing selected pieces can hurt the forget set more than zeroing
+the matrix). The task loss is the target's own (its
 `Task.metrics`); a task without one is measured by the divergence from the original output instead.
 """
 
@@ -46,6 +53,7 @@ from spd.ablate import (
     select_by_data,
     take,
 )
+from spd.effects import EffectRule, effect_scores, select_by_effect, unit_remover
 from spd.lm_metrics import scored_positions
 from spd.losses import DIVERGENCES
 from spd.mechanisms import Grouping, member_masks
@@ -130,28 +138,38 @@ def unlearning_study(
     forget: Any,
     retain: Any,
     selection: Selection | None = None,
-    rule: Rule | None = None,
+    rule: Rule | EffectRule | None = None,
     grouping: Grouping | None = None,
     metrics: TaskMetrics | None = None,
     output_loss: str = "mse",
     baselines: bool = True,
     neuron_modules: str | None = None,
+    neuron_inputs: bool = False,
     ga_lr: float = 1e-3,
     ga_max_steps: int = 2000,
     batch_size: int = 4096,
+    cap_at_zero: bool = True,
 ) -> Study:
     """Ablate `selection` (default: what `rule` selects on the forget/retain selection halves, over subcomponents,
-    or over `grouping`'s mechanisms), measure it, and run the baselines at the same held-out forget loss.
-    `neuron_modules`: glob over decomposed modules whose output units the neuron baseline may zero (default all)."""
+    or over `grouping`'s mechanisms: an importance `Rule` or an `EffectRule`), measure it, and run the baselines at
+    the same held-out forget loss (capped at the zero-ablation level unless `cap_at_zero` is False).
+    `neuron_modules`: glob over decomposed modules whose output units (with `neuron_inputs`, input units: an MLP
+    output matrix's hidden neurons) the neuron baseline may zero (default all)."""
     rule = rule or Rule()
     f_sel, f_eval = halves(forget)
     r_sel, r_eval = halves(retain)
-    if selection is None:
-        selection, _ = select_by_data(model, f_sel, r_sel, rule, grouping, batch_size)
     original: nn.Module = model.target
     key = "loss" if metrics is not None else f"{output_loss}_to_original"
     # every model below differs from the original only in the decomposed matrices: replay what runs before them
     prefix = FixedPrefix(original, list(model.module_names))
+
+    def score(t: nn.Module, x: Any) -> float:  # what the effect rule reads, on the selection halves
+        return measure(t, original, x, metrics, output_loss, batch_size, divergence=False, prefix=prefix)[key]
+
+    if selection is None and isinstance(rule, EffectRule):
+        selection, _ = select_by_effect(model, f_sel, r_sel, rule, score, grouping, batch_size)
+    elif selection is None:
+        selection, _ = select_by_data(model, f_sel, r_sel, rule, grouping, batch_size)
 
     def on(t: nn.Module, x: Any) -> dict[str, float]:
         return measure(t, original, x, metrics, output_loss, batch_size, prefix=prefix)
@@ -175,14 +193,25 @@ def unlearning_study(
         masked = model(x0, *member_masks(model, selection.members))
         gap = (masked - target_output(edited, x0)).abs().max().item()
     # the baselines must reach the component edit's forget loss, or knowing nothing (zero-ablation), if lower
-    target_loss = min(methods["components"]["forget"][key], zero[key])
+    target_loss = methods["components"]["forget"][key]
+    if cap_at_zero:
+        target_loss = min(target_loss, zero[key])
     out_models: dict[str, nn.Module] = {}
     if baselines and target_loss > methods["original"]["forget"][key]:
         mods = [m for m in model.module_names if neuron_modules is None or fnmatch.fnmatchcase(m, neuron_modules)]
         if not mods:
             raise ValueError(f"--neurons {neuron_modules!r} matches no decomposed module ({list(model.module_names)})")
-        t, info = _neurons_matched(original, mods, f_sel, r_sel, rule, forget_score, target_loss,
-                                   batch_size, prefix)  # fmt: skip
+        units = target_units(original, mods, neuron_inputs)
+        if not units:
+            raise ValueError(f"the unit baseline found no neurons or heads in {mods}")
+        if isinstance(rule, EffectRule):
+            scores: Scores = effect_scores(
+                original, [u.label for u in units], [unit_remover(u) for u in units], score, f_sel, r_sel
+            )
+        else:
+            scores = unit_scores(original, units, f_sel, r_sel, rule.threshold, batch_size, prefix)
+        t, info = _neurons_matched(original, mods, units, scores, scores.passing(rule), forget_score, target_loss)
+        info["rule"] = rule.describe()
         methods["neurons"], out_models["neurons"] = entry(t, **info), t
         obj = _objective(original, metrics, output_loss, prefix)
         t, info = _gradient_ascent(original, list(model.module_names), f_sel, obj, forget_score,
@@ -204,6 +233,7 @@ def unlearning_study(
             "retain_eval": batch_len(r_eval),
         },  # fmt: skip
         "matched_forget": target_loss,
+        "matched_capped_at_zero": cap_at_zero,
         "methods": methods,
         "baselines_skipped": None
         if "neurons" in methods or not baselines
@@ -229,26 +259,32 @@ def _objective(
 
 
 def _neurons_matched(
-    original: nn.Module, modules: list[str], f_sel: Any, r_sel: Any, rule: Rule,
-    forget_loss: Callable[[nn.Module], float], target_loss: float, batch_size: int, prefix: FixedPrefix | None = None,
+    original: nn.Module, modules: list[str], units: list[Unit], scores: Scores, passing: list[int],
+    forget_loss: Callable[[nn.Module], float], target_loss: float,
 ) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
-    units = target_units(original, modules)
-    if not units:
-        raise ValueError(f"the unit baseline found no neurons or heads in {modules}")
-    scores = unit_scores(original, units, f_sel, r_sel, rule.threshold, batch_size, prefix)
-    passing = scores.passing(rule)
+    """Zero units in the rule's order (`passing` first) until the forget loss reaches `target_loss`; if it never
+    does, the prefix of that order with the highest forget loss."""
     order = passing + [i for i in scores.ranked() if i not in passing]
     t = copy.deepcopy(original)
     done: list[int] = []
+    best, best_n, matched = -float("inf"), 0, False
     for i in order:
         zero_units(t, [units[i]])
         done.append(i)
-        if forget_loss(t) >= target_loss:
+        loss = forget_loss(t)
+        if loss > best:
+            best, best_n = loss, len(done)
+        if loss >= target_loss:
+            matched = True
             break
+    if not matched:
+        done = done[:best_n]
+        t = copy.deepcopy(original)
+        zero_units(t, [units[i] for i in done])
     return t, {
         "units": len(done),
         "unit": kinds_text([units[i] for i in done]),
-        "matched": forget_loss(t) >= target_loss,
+        "matched": matched,
         "selected_by_rule": len(passing),
         "candidates": len(units),
         "modules": modules,
@@ -321,8 +357,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         f"Measured on held-out halves ({report['n_inputs']['forget_eval']} forget, {report['n_inputs']['retain_eval']}"
         f" retain inputs). Forget {key} with every decomposed matrix zeroed: {report['zero_ablation'][key]:.4g}. "
-        f"Baselines are run to the same forget {key} as the component edit (capped at that zero-ablation level): "
-        f"{report['matched_forget']:.4g}. Edit norm: ||W' - W|| / ||W|| over all weights.",
+        f"Baselines are run to the same forget {key} as the component edit"
+        + (" (capped at that zero-ablation level)" if report.get("matched_capped_at_zero", True) else "")
+        + f": {report['matched_forget']:.4g}. Edit norm: ||W' - W|| / ||W|| over all weights.",
         "",
         f"| method | units | parameters changed | edit norm | forget {key} | forget / zero-ablation | retain {key} |"
         f" retain change | retain divergence |" + (" forget acc | retain acc |" if acc else ""),
