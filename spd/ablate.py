@@ -176,13 +176,23 @@ def select_by_data(
     imp_f, units = unit_importance(importances(model, forget, batch_size), grouping)
     imp_r, _ = unit_importance(importances(model, retain, batch_size), grouping)
     scores = Scores(units, firing(imp_f, rule.threshold), firing(imp_r, rule.threshold))
-    chosen = scores.passing(rule)
-    if grouping is None:
-        members = [(u.rpartition(":")[0], int(u.rpartition(":")[2])) for u in (units[i] for i in chosen)]
-    else:
-        members = mechanism_members(grouping, [units[i] for i in chosen])
-    how = {
+    return data_selection(scores, scores.passing(rule), rule, grouping), scores
+
+
+def unit_member(unit: str) -> Member:
+    """ "module:c" -> (module, c)."""
+    mod, _, c = unit.rpartition(":")
+    return mod, int(c)
+
+
+def data_selection(scores: Scores, chosen: list[int], rule: Any, grouping: Grouping | None, **how: Any) -> Selection:
+    """The members of the `chosen` units (subcomponents "module:c", or `grouping`'s mechanisms) and the record of
+    how they were chosen (`rule` has `as_dict` and `describe`; `how` adds entries)."""
+    names = [scores.units[i] for i in chosen]
+    members = [unit_member(u) for u in names] if grouping is None else mechanism_members(grouping, names)
+    record = {
         "kind": "data",
+        **how,
         "units": "subcomponents" if grouping is None else "mechanisms",
         "rule": rule.as_dict(),
         "rule_text": rule.describe(),
@@ -190,8 +200,8 @@ def select_by_data(
         "best_unchosen": [scores.row(i) for i in scores.ranked() if i not in chosen][:5],
     }
     if grouping is not None:
-        how["grouping"] = grouping.params
-    return Selection(members, how), scores
+        record["grouping"] = grouping.params
+    return Selection(members, record)
 
 
 # ---- editing -------------------------------------------------------------------------------------------

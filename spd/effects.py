@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from spd.ablate import Scores, Selection, importances, mechanism_members, unit_importance
+from spd.ablate import Scores, Selection, data_selection, firing, importances, unit_importance, unit_member
 from spd.components import module_kind
 from spd.mechanisms import Grouping, Mechanism, Member
 from spd.names import target_modules
@@ -150,32 +150,8 @@ def select_by_effect(
     """The units (subcomponents, or `grouping`'s mechanisms) the effect rule selects on these forget and retain
     inputs; `score(target, x)` is the loss the rule reads (the task loss, or the divergence from the original)."""
     imp, names = unit_importance(importances(model, forget, batch_size), grouping)
-    fire = (imp > rule.threshold).double().mean(0)
-    cand = [i for i in range(len(names)) if fire[i] >= rule.candidate_min]
-    if grouping is None:
-        members = [[_member(names[i])] for i in cand]
-    else:
-        members = [list(grouping[names[i]].members) for i in cand]
-    scores = effect_scores(model.target, [names[i] for i in cand], [piece_remover(model, m) for m in members],
-                           score, forget, retain)  # fmt: skip
-    chosen = scores.passing(rule)
-    units = [scores.units[i] for i in chosen]
-    sel = [_member(u) for u in units] if grouping is None else mechanism_members(grouping, units)
-    how = {
-        "kind": "data",
-        "by": "effect",
-        "units": "subcomponents" if grouping is None else "mechanisms",
-        "rule": rule.as_dict(),
-        "rule_text": rule.describe(),
-        "candidates": len(cand),
-        "chosen": [scores.row(i) for i in chosen],
-        "best_unchosen": [scores.row(i) for i in scores.ranked() if i not in chosen][:5],
-    }
-    if grouping is not None:
-        how["grouping"] = grouping.params
-    return Selection(sel, how), scores
-
-
-def _member(unit: str) -> Member:
-    mod, _, c = unit.rpartition(":")
-    return mod, int(c)
+    fire = firing(imp, rule.threshold)
+    cand = [names[i] for i in range(len(names)) if fire[i] >= rule.candidate_min]
+    members = [[unit_member(u)] if grouping is None else list(grouping[u].members) for u in cand]
+    scores = effect_scores(model.target, cand, [piece_remover(model, m) for m in members], score, forget, retain)
+    return data_selection(scores, scores.passing(rule), rule, grouping, by="effect", candidates=len(cand)), scores

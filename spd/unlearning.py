@@ -163,7 +163,7 @@ def unlearning_study(
     # every model below differs from the original only in the decomposed matrices: replay what runs before them
     prefix = FixedPrefix(original, list(model.module_names))
 
-    def score(t: nn.Module, x: Any) -> float:  # what the effect rule reads, on the selection halves
+    def score(t: nn.Module, x: Any) -> float:  # the loss alone: what the effect rule and the matching read
         return measure(t, original, x, metrics, output_loss, batch_size, divergence=False, prefix=prefix)[key]
 
     if selection is None and isinstance(rule, EffectRule):
@@ -175,7 +175,7 @@ def unlearning_study(
         return measure(t, original, x, metrics, output_loss, batch_size, prefix=prefix)
 
     def forget_score(t: nn.Module) -> float:  # the matched quantity only (baselines evaluate it every step)
-        return measure(t, original, f_eval, metrics, output_loss, batch_size, divergence=False, prefix=prefix)[key]
+        return score(t, f_eval)
 
     def entry(t: nn.Module, **extra: Any) -> dict[str, Any]:
         stats = edit_stats(original, t)
