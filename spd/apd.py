@@ -41,6 +41,15 @@ class APDConfig(BaseConfig):
         description="active components per input: with topk_mode batch, the average (the batch's int(topk * N) "
         "largest attributions are active; a float such as 1.28), with per_example, exactly this many (an integer)",
     )
+    topk_final: float | None = Field(
+        None,
+        gt=0,
+        description="anneal the number of active components from topk to this over training (linear in the "
+        "training fraction, from topk_anneal_start to topk_anneal_end; None: no anneal). Not in the APD paper: "
+        "more active components early let every feature's inputs train some component before top-k tightens",
+    )
+    topk_anneal_start: float = Field(0.0, ge=0.0, le=1.0)
+    topk_anneal_end: float = Field(0.5, ge=0.0, le=1.0)
     topk_mode: Literal["batch", "per_example"] = "batch"
     min_active: int = Field(
         0,
@@ -84,6 +93,28 @@ class APDConfig(BaseConfig):
                 "already gets apd.topk components: set min_active to 0 or topk_mode to batch"
             )
         return self
+
+    @model_validator(mode="after")
+    def _anneal_valid(self) -> APDConfig:
+        if self.topk_final is not None:
+            if self.topk_mode == "per_example" and self.topk_final != int(self.topk_final):
+                raise ValueError(f"apd.topk_final must be an integer with topk_mode per_example, got {self.topk_final}")
+            if self.topk_anneal_end <= self.topk_anneal_start:
+                raise ValueError(
+                    f"apd.topk_anneal_end ({self.topk_anneal_end}) must be after apd.topk_anneal_start "
+                    f"({self.topk_anneal_start}): both are fractions of training in [0, 1]"
+                )
+        return self
+
+    def topk_at(self, frac: float) -> float:
+        """Active components per input at training fraction frac (topk, annealed linearly to topk_final)."""
+        if self.topk_final is None or frac <= self.topk_anneal_start:
+            return self.topk
+        if frac >= self.topk_anneal_end:
+            return self.topk_final
+        t = (frac - self.topk_anneal_start) / (self.topk_anneal_end - self.topk_anneal_start)
+        k = self.topk + (self.topk_final - self.topk) * t
+        return float(round(k)) if self.topk_mode == "per_example" else k
 
 
 # ---- top-k --------------------------------------------------------------------------------------------
@@ -269,6 +300,7 @@ class APDModel(ComponentModel):
         self.C = Cs.pop()
         self.apd = cfg
         self.output_loss = output_loss
+        self.frac = 1.0  # training fraction, set by the trainer each step; outside training the final top-k
         self.after_optimizer_step()  # start on the constraint set (unit-norm read directions) when there is one
 
     def attributions(self, x: Any, clean: CleanPass | None = None) -> Float[Tensor, "... C"]:
@@ -282,14 +314,15 @@ class APDModel(ComponentModel):
         return ablation_attributions(self, x, clean, PER_EXAMPLE[self.output_loss])
 
     def importances(self, x: Any, clean: CleanPass) -> CausalImportances:
-        s = topk_mask(self.attributions(x, clean), self.apd.topk, self.apd.topk_mode, self.apd.min_active)
+        k = self.apd.topk_at(self.frac)
+        s = topk_mask(self.attributions(x, clean), k, self.apd.topk_mode, self.apd.min_active)
         per_module = {n: s for n in self.module_names}
         return CausalImportances(lower=per_module, upper=per_module)
 
     @torch.no_grad()
     def probe_importances(self, x: Any) -> dict[str, Tensor]:
         """On probes (one feature active each) the active components are each probe's top max(1, int(topk))."""
-        s = topk_mask(self.attributions(x), max(1, int(self.apd.topk)), "per_example")
+        s = topk_mask(self.attributions(x), max(1, int(self.apd.topk_at(self.frac))), "per_example")
         return {n: s for n in self.module_names}
 
     @torch.no_grad()

@@ -44,6 +44,11 @@ def graph_unsupported(cfg: Any) -> str | None:
             f"train.cuda_graph: {', '.join(annealed)} anneal by training fraction, which a captured step cannot "
             "follow (it replays the fraction it was captured with); drop p_final/width_final or the graph"
         )
+    if cfg.apd is not None and cfg.apd.topk_final is not None:
+        return (
+            "train.cuda_graph: apd.topk_final anneals top-k by training fraction, which a captured step cannot "
+            "follow; drop apd.topk_final or the graph"
+        )
     if any(c.name == "persistent_pgd_recon" for c in cfg.losses):
         return "train.cuda_graph does not cover persistent_pgd_recon (its masks step outside the training step)"
     return None

@@ -127,6 +127,8 @@ def target_output(target: nn.Module, x: Any) -> Tensor:
 
 
 class ComponentModel(nn.Module):
+    frac: float = 1.0  # fraction of training done, set by the trainer each step (1.0 outside training)
+
     def __init__(
         self,
         target: nn.Module,

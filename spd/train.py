@@ -286,7 +286,7 @@ def train(
         lr = lr_at(step, tc.steps, tc.lr)
         graphs.set_lr(opt, lr)
         x = to_device(sample_batch(tc.batch_size, data_gen), device)
-        now["frac"] = step / tc.steps
+        now["frac"] = model.frac = step / tc.steps
         if graphed is not None:
             loss, terms, ci_lower = graphed(x)
         else:
@@ -314,4 +314,5 @@ def train(
         if saving:
             io.save_checkpoint(run_dir, step, model.trainable_state_dict(), opt, gens, tc.keep_checkpoints, adversaries)
     bar.close()
+    model.frac = 1.0
     return model

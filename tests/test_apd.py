@@ -138,6 +138,24 @@ def test_per_example_topk_and_its_integer_rule():
     assert topk_mask(seq, 1, "per_example").sum(-1).eq(1).all()
 
 
+def test_topk_anneal_schedule_and_its_use_in_training(two_layer):
+    cfg = APDConfig(topk=2.0, topk_final=1.0, topk_anneal_start=0.2, topk_anneal_end=0.6)
+    assert [cfg.topk_at(f) for f in (0.0, 0.2, 0.4, 0.6, 1.0)] == pytest.approx([2.0, 2.0, 1.5, 1.0, 1.0])
+    assert APDConfig(topk=2.0).topk_at(0.5) == 2.0  # no anneal
+    per_ex = APDConfig(topk=3, topk_final=1, topk_mode="per_example", topk_anneal_end=1.0)
+    assert [per_ex.topk_at(f) for f in (0.0, 0.3, 0.5, 0.8, 1.0)] == [3, 2, 2, 1, 1]  # rounded to integers
+    with pytest.raises(ValueError, match="topk_anneal_end"):
+        APDConfig(topk=2.0, topk_final=1.0, topk_anneal_start=0.5, topk_anneal_end=0.5)
+    with pytest.raises(ValueError, match="integer"):
+        APDConfig(topk=2, topk_final=1.5, topk_mode="per_example")
+    # the model reads the trainer's fraction; outside training (frac 1) the final top-k
+    model = apd_model(two_layer, topk_final=0.5, topk_anneal_end=1.0)
+    x = torch.randn(64, two_layer.fc1.in_features)
+    assert model.importances(x, model.clean_pass(x)).lower["fc1"].sum() == 32  # int(0.5 * 64)
+    model.frac = 0.0
+    assert model.importances(x, model.clean_pass(x)).lower["fc1"].sum() == 64  # topk 1.0 at the start
+
+
 # ---- Schatten ------------------------------------------------------------------------------------------
 def _orthogonal_factors(comp, gen):
     """Give every component orthogonal read columns and orthogonal write rows (its factorisation is an SVD)."""
@@ -242,6 +260,31 @@ def test_apd_recovers_tms_5_2_with_the_papers_shrinkage(tmp_path):
     assert res["ci_l0/linear1"] == pytest.approx(0.211, abs=0.01)  # batch top-k: 0.211 active per input
     assert res["recon/ci"] < 0.15 * res["recon/zero_output_baseline"]
     assert res["faithfulness_rel/linear1"] < 0.01
+
+
+def test_trainer_anneals_topk_by_training_fraction(tmp_path, monkeypatch):
+    from helpers import tiny_tms_config
+
+    import spd.train as train_mod
+    from spd.run import decompose
+
+    raw = _apd_cfg()
+    tiny = tiny_tms_config()
+    raw["target"], raw["eval"] = tiny["target"], tiny["eval"]
+    raw["apd"].update(topk=2.0, topk_final=1.0, topk_anneal_end=1.0)
+    raw["train"].update(steps=10, batch_size=64, log_every=5, checkpoint_every=10)
+    active: list[float] = []
+    real_step = train_mod.train_step
+
+    def recording_step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        active.append(float(out[2]["linear1"].sum(-1).mean()))  # active components per input
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", recording_step)
+    run, _ = decompose(load_config(raw), tmp_path / "run", progress=False)
+    assert active == pytest.approx([2.0 - 0.1 * i for i in range(10)], abs=1 / 64)  # int(k * 64) of 64 inputs
+    assert run.model.frac == 1.0  # after training: the final top-k
 
 
 def test_apd_run_resumes_on_the_same_trajectory_and_compares_with_spd(tmp_path, capsys, monkeypatch):

@@ -38,6 +38,11 @@ def test_cuda_graph_needs_a_cuda_device_and_no_annealing():
     with pytest.raises(ConfigError, match=r"losses.3 \(importance_minimality\) anneal"):
         load_config(_cfg(p_final=0.5))
     assert load_config(_cfg()).train.cuda_graph  # valid on any machine; CUDA is checked when training starts
+    apd = _cfg() | {"method": "apd", "apd": {"topk": 2.0, "topk_final": 1.0}}
+    apd["decomposition"]["delta_component"] = False
+    apd["losses"] = [{"name": "faithfulness", "coeff": 1.0}, {"name": "ci_masked_recon", "coeff": 1.0}]
+    with pytest.raises(ConfigError, match="apd.topk_final anneals"):
+        load_config(apd)
 
 
 def test_tensor_learning_rate_is_set_in_place_and_checkpointed_as_a_number():
