@@ -33,6 +33,23 @@ Attribution = Literal["gradient", "ablation", "activation"]
 GRAD_CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**25}
 
 
+class SplitConfig(BaseConfig):
+    """Re-use dead components (`apd.split`): at the given steps, each component that was active on none of
+    `inputs` fresh inputs takes half of the busiest component (split along the inputs it is active on), while
+    that one is active on at least `min_ratio` times the median alive component's share of inputs. Not in the
+    APD paper."""
+
+    at: list[int] = Field(min_length=1, description="steps (0-based, before that step's update) at which to split")
+    gather: bool = Field(
+        True,
+        description="first sum all dead components into the first of them (the matrices' sum is unchanged): a "
+        "feature that faithfulness left spread thinly over dead components (an orphan) then sits whole in one "
+        "component, which wins top-k slots on its inputs",
+    )
+    min_ratio: float = Field(1.5, gt=1.0)
+    inputs: int = Field(16_384, gt=0)
+
+
 class APDConfig(BaseConfig):
     """Settings of `method: apd` (every decomposed module must have the same C: a component spans them all)."""
 
@@ -83,6 +100,13 @@ class APDConfig(BaseConfig):
     )
     unit_norm_read: bool = Field(
         False, description="after every step, scale each read column of V to unit norm (the APD ResidMLP recipe)"
+    )
+    split: SplitConfig | None = Field(
+        None,
+        description="re-use dead components at set steps by splitting the busiest ones into them "
+        "(spd.apd.split_components). Why: a component that carries two features is active twice as often as one "
+        "that carries one, and a dead component never wins a top-k slot, so no gradient could move the second "
+        "feature over; split along the inputs it is active on, each half wins the slots of its own inputs",
     )
 
     @model_validator(mode="after")
@@ -146,6 +170,140 @@ def topk_mask(
     mask = torch.zeros_like(flat)
     mask.scatter_(-1, flat.topk(k, dim=-1).indices, 1.0)
     return mask.view(attr.shape)
+
+
+# ---- splitting busy components into dead ones ------------------------------------------------------------
+def choose_splits(freq: Float[Tensor, " C"], min_ratio: float, skip: tuple[int, ...] = ()) -> list[tuple[int, int]]:
+    """(busy, dead) pairs: every never-active component (except those in `skip`) is given to the busiest
+    component while that one is active at least `min_ratio` times as often as the median alive component; a
+    split halves the busy one's count and gives the new half the same (so one component is split again only if it
+    is still the busiest)."""
+    f = freq.detach().double().clone()
+    alive = f > 0
+    if not alive.any():
+        return []
+    median = f[alive].median()
+    pairs: list[tuple[int, int]] = []
+    for d in (~alive).nonzero().flatten().tolist():
+        if d in skip:
+            continue
+        c = int(f.argmax())
+        if f[c] < min_ratio * median:
+            break
+        f[c] = f[c] / 2
+        f[d] = f[c]
+        pairs.append((c, d))
+    return pairs
+
+
+def two_means(z: Float[Tensor, "n d"], iters: int = 20) -> Tensor:
+    """Boolean labels of a 2-means clustering of the rows of z by cosine (spherical k-means), seeded with the
+    largest row and the row least similar to it."""
+    u = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a = u[z.norm(dim=-1).argmax()]
+    b = u[(u @ a).argmin()]
+    labels = (u @ a) >= (u @ b)
+    for _ in range(iters):
+        if labels.all() or not labels.any():
+            break
+        a = u[labels].mean(0)
+        b = u[~labels].mean(0)
+        new = (u @ a) >= (u @ b)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels
+
+
+@torch.no_grad()
+def split_along_inputs(
+    model: APDModel,
+    src: int,
+    dst: int,
+    acts: dict[str, Float[Tensor, "n d_in"]],
+    opt: torch.optim.Optimizer | None = None,
+) -> bool:
+    """Split component src between itself and dst along the inputs it is active on (`acts`: every decomposed
+    module's inputs there): the inputs fall into two clusters (2-means on all modules' inputs, each scaled to
+    unit rms); in every matrix src keeps its read directions projected on the mean input m of one cluster, dst
+    gets the rest (P = Pi P + (1 - Pi) P with Pi = m m^T, in x @ P orientation; dst's own content is dropped, so
+    the sum of components is unchanged where dst was empty, as gathered dead components are); dst takes the
+    optimizer's moments of src. Returns False (nothing done) when the inputs do not split into two clusters."""
+    names = [n for n, comp in model.components.items() if isinstance(comp.V, nn.Parameter)]
+    z = torch.cat([acts[n].flatten(1) / acts[n].pow(2).mean().sqrt().clamp_min(1e-12) for n in names], dim=-1)
+    if z.shape[0] < 2:
+        return False
+    labels = two_means(z)
+    if labels.all() or not labels.any():
+        return False
+    for n in names:
+        comp = model.components[n]
+        r = comp.rank
+        s, d = slice(src * r, (src + 1) * r), slice(dst * r, (dst + 1) * r)
+        m = acts[n][labels].mean(0)
+        m = m / m.norm().clamp_min(1e-12)
+        Vs = comp.V[:, s]
+        kept = m[:, None] * (m @ Vs)[None]  # the read directions' part along the cluster's mean input
+        comp.V[:, d] = Vs - kept
+        comp.V[:, s] = kept
+        comp.U[d] = comp.U[s]
+        for param, idx in ((comp.V, lambda sl: (slice(None), sl)), (comp.U, lambda sl: (sl,))):
+            for moment in (opt.state.get(param, {}) if opt is not None else {}).values():
+                if isinstance(moment, Tensor) and moment.shape == param.shape:
+                    moment[idx(d)] = moment[idx(s)]
+    return True
+
+
+@torch.no_grad()
+def gather_components(model: APDModel, comps: list[int]) -> None:
+    """Put the sum of components `comps` into the first of them (best rank-r fit of the sum, exact at full rank)
+    and zero the others, so the sum over all components is unchanged."""
+    for comp in model.components.values():
+        if not isinstance(comp.V, nn.Parameter):  # tied (transposed) components share their source's factors
+            continue
+        r = comp.rank
+        total = sum(comp.subcomponent(c) for c in comps)
+        A, S, Bh = torch.linalg.svd(total, full_matrices=False)
+        root = S[:r].sqrt()
+        first = slice(comps[0] * r, (comps[0] + 1) * r)
+        comp.V[:, first] = A[:, :r] * root
+        comp.U[first] = root[:, None] * Bh[:r]
+        for c in comps[1:]:
+            comp.V[:, c * r : (c + 1) * r] = 0.0
+            comp.U[c * r : (c + 1) * r] = 0.0
+
+
+@torch.no_grad()
+def activity(model: APDModel, batches: list[Any]) -> tuple[Float[Tensor, "n C"], dict[str, Float[Tensor, "n d_in"]]]:
+    """Which components are active on each input (position) under the current top-k, and every decomposed
+    module's inputs there."""
+    masks, acts = [], []
+    for xb in batches:
+        clean = model.clean_pass(xb)
+        masks.append(model.importances(xb, clean).lower[model.module_names[0]].flatten(0, -2))
+        acts.append({n: a.flatten(0, -2) for n, a in clean.acts.items()})
+    return torch.cat(masks), {n: torch.cat([a[n] for a in acts]) for n in acts[0]}
+
+
+def split_components(
+    model: APDModel, batches: list[Any], cfg: SplitConfig, opt: torch.optim.Optimizer | None
+) -> list[tuple[int, int]]:
+    """Measure which components are active on `batches`; with cfg.gather, sum the dead components into the first
+    of them; choose (busy, dead) pairs among the rest and split each busy component between itself and its dead
+    one along the inputs it is active on (`split_along_inputs`); returns the pairs split."""
+    active, acts = activity(model, batches)
+    freq = active.mean(0)
+    dead = (freq == 0).nonzero().flatten().tolist()
+    skip: tuple[int, ...] = ()
+    if cfg.gather and len(dead) > 1:
+        gather_components(model, dead)
+        skip = (dead[0],)
+    done = []
+    for c, d in choose_splits(freq, cfg.min_ratio, skip):
+        on = active[:, c] > 0  # the inputs c is active on now (after earlier splits: what is left of them)
+        if split_along_inputs(model, c, d, {n: a[on] for n, a in acts.items()}, opt):
+            done.append((c, d))
+    return done
 
 
 # ---- attributions -------------------------------------------------------------------------------------

@@ -275,6 +275,12 @@ class Config(BaseConfig):
                 f"losses: {sorted(no_grad)} penalise CI-function outputs, which method apd does not have (its "
                 "importances are top-k indicators); use schatten for simplicity and ci_masked_recon for minimality"
             )
+        if self.apd.split is not None:
+            bad = [s for s in self.apd.split.at if not 0 <= s < self.train.steps]
+            if bad:
+                raise ValueError(f"apd.split.at: steps {bad} are not in [0, train.steps) = [0, {self.train.steps})")
+            if self.train.cuda_graph:
+                raise ValueError("train.cuda_graph does not cover apd.split (a split edits weights between steps)")
         return self
 
     def to_yaml(self) -> str:

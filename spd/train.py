@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from spd import distributed, graphs, io
 from spd.adversarial import PersistentAdversary
+from spd.apd import split_components
 from spd.ci import ScalarMLP
 from spd.config import Config, LRConfig, WarmupConfig
 from spd.dedupe import merge_duplicates
@@ -24,6 +25,7 @@ from spd.task import BatchSampler, to_device
 
 MASK_SEED_OFFSET = 7919
 MERGE_SEED_OFFSET = 104_729  # a merge's inputs come from their own generator: the training data stay the same
+SPLIT_SEED_OFFSET = 130_363  # likewise an APD split's inputs and noise
 
 
 def _short(key: str) -> str:
@@ -173,6 +175,20 @@ def merge_step(model: ComponentModel, sample_batch: BatchSampler, cfg: Config, s
     return {f"merge/pairs/{name}": float(len(pairs)) for name, pairs in merged.items()}
 
 
+def split_step(
+    model: ComponentModel, sample_batch: BatchSampler, cfg: Config, step: int, opt: torch.optim.Optimizer
+) -> dict[str, float]:
+    """Split the busiest APD components into dead ones now (apd.split, spd.apd.split_components) on fresh inputs;
+    logs the number of splits."""
+    assert cfg.apd is not None and cfg.apd.split is not None
+    sc, device = cfg.apd.split, next(model.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed + SPLIT_SEED_OFFSET + step)
+    bs = cfg.train.batch_size
+    batches = [to_device(sample_batch(min(bs, sc.inputs - i), gen), device) for i in range(0, sc.inputs, bs)]
+    pairs = split_components(model, batches, sc, opt)  # type: ignore[arg-type]
+    return {"split/pairs": float(len(pairs))}
+
+
 def train_step(
     model: ComponentModel,
     x: Any,
@@ -222,7 +238,10 @@ def train(
         raise RuntimeError("train.cuda_graph does not cover data-parallel runs (torchrun); set train.cuda_graph=false")
     if tc.merge is not None and distributed.active():
         raise RuntimeError("train.merge does not cover data-parallel runs (torchrun) yet; remove train.merge")
+    if cfg.apd is not None and cfg.apd.split is not None and distributed.active():
+        raise RuntimeError("apd.split does not cover data-parallel runs (torchrun) yet; remove apd.split")
     merge_at = set(tc.merge.at) if tc.merge is not None else set()
+    split_at = set(cfg.apd.split.at) if cfg.apd is not None and cfg.apd.split is not None else set()
     rank, main = distributed.rank(), distributed.is_main()
     seed = cfg.seed + rank * distributed.RANK_SEED_OFFSET  # data parallel: every rank its own data and masks
     data_gen = torch.Generator().manual_seed(seed)  # data is sampled on the CPU, then moved
@@ -280,6 +299,11 @@ def train(
         if step in merge_at:
             row = merge_step(model, sample_batch, cfg, step)
             bar.write(f"step {step}: merged " + ", ".join(f"{k.split('/')[-1]} {int(v)}" for k, v in row.items()))
+            if log is not None:
+                log(step, row)
+        if step in split_at:
+            row = split_step(model, sample_batch, cfg, step, opt)
+            bar.write(f"step {step}: split {int(row['split/pairs'])} busy components into dead ones")
             if log is not None:
                 log(step, row)
         timer.start()

@@ -4,6 +4,7 @@ config validation, and end-to-end recovery on TMS 5-2."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -14,11 +15,17 @@ from helpers import ROOT
 from spd.apd import (
     APDConfig,
     APDModel,
+    SplitConfig,
     ablation_attributions,
     activation_attributions,
+    choose_splits,
+    gather_components,
     gradient_attributions,
     per_example_mse,
+    split_along_inputs,
+    split_components,
     topk_mask,
+    two_means,
 )
 from spd.base_config import ConfigError
 from spd.config import load_config
@@ -156,6 +163,82 @@ def test_topk_anneal_schedule_and_its_use_in_training(two_layer):
     assert model.importances(x, model.clean_pass(x)).lower["fc1"].sum() == 64  # topk 1.0 at the start
 
 
+# ---- splitting busy components into dead ones ------------------------------------------------------------
+def test_choose_splits_by_hand():
+    # alive: 0.4, 0.2, 0.2, 0.1 (median 0.2); dead: 1 and 4
+    freq = torch.tensor([0.4, 0.0, 0.2, 0.2, 0.0, 0.1])
+    assert choose_splits(freq, 1.5) == [(0, 1)]  # 0.4 >= 0.3; then 0 and 1 hold 0.2 each, under 0.3
+    assert choose_splits(freq, 1.0) == [(0, 1), (0, 4)]  # 0.2 >= 0.2: split again (0.1 and 0.1 left)
+    assert choose_splits(freq, 2.5) == []  # 0.4 < 0.5
+    assert choose_splits(torch.tensor([0.3, 0.3, 0.3]), 1.5) == []  # nothing dead
+    assert choose_splits(torch.zeros(3), 1.5) == []  # nothing alive
+    assert choose_splits(freq, 1.0, skip=(1,)) == [(0, 4)]  # 1 is reserved (the gathered component)
+
+
+def test_gather_components_keeps_the_sum_at_full_rank(two_layer):
+    model = apd_model(two_layer, rank="full", C=4)
+    before = {n: model.comp(n).weight().clone() for n in model.module_names}
+    parts = {n: model.comp(n).subcomponent(1) + model.comp(n).subcomponent(3) for n in model.module_names}
+    gather_components(model, [1, 3])
+    for n in model.module_names:
+        comp = model.comp(n)
+        assert torch.allclose(comp.weight(), before[n], atol=1e-5)
+        assert torch.allclose(comp.subcomponent(1), parts[n], atol=1e-5)
+        assert comp.subcomponent(3).abs().max() == 0
+
+
+def test_two_means_separates_two_directions():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1, 0])
+    z = torch.cat([a * (torch.rand(5, 1, generator=gen) + 0.5), b * (torch.rand(7, 1, generator=gen) + 0.5)])
+    labels = two_means(z)
+    assert labels[:5].unique().numel() == labels[5:].unique().numel() == 1 and labels[0] != labels[5]
+    assert two_means(a.repeat(4, 1)).all()  # one direction: one cluster
+
+
+def test_split_along_inputs_separates_two_features_and_keeps_the_sum(two_layer):
+    model = apd_model(two_layer, rank=1, C=3)
+    params = [p for n, p in model.named_parameters() if not n.startswith("target.")]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    v = model.comp("fc1").V
+    with torch.no_grad():
+        v[:, 0] = torch.tensor([1.0, 2.0, 0.0])  # component 0 reads features 0 and 1 of fc1's input
+        for n in model.module_names:
+            model.comp(n).V[:, 2] = 0.0  # component 2 is empty (as gathered dead components are)
+    opt.state[v]["exp_avg"][:, 0] = 7.0
+    before = {n: model.comp(n).weight().clone() for n in model.module_names}
+    x = torch.cat([torch.eye(3)[:1].repeat(4, 1) * torch.arange(1, 5)[:, None], torch.eye(3)[1:2].repeat(3, 1)])
+    acts = model.clean_pass(x).acts
+    assert split_along_inputs(model, 0, 2, acts, opt)
+    for n in model.module_names:
+        assert torch.allclose(model.comp(n).weight(), before[n], atol=1e-6)  # the sum is unchanged
+    reads = sorted([v[:, 0].tolist(), v[:, 2].tolist()])
+    assert reads == [pytest.approx([0.0, 2.0, 0.0], abs=1e-6), pytest.approx([1.0, 0.0, 0.0], abs=1e-6)]
+    assert opt.state[v]["exp_avg"][:, 2].eq(7.0).all()
+    assert not split_along_inputs(model, 0, 2, {n: a[:1] for n, a in acts.items()})  # one input: no split
+
+
+def test_split_components_fills_dead_components_from_the_busiest(two_layer):
+    model = apd_model(two_layer, rank="full", C=4)
+    with torch.no_grad():
+        for n in model.module_names:
+            comp = model.comp(n)
+            r = comp.rank
+            comp.V[:, 2 * r :] = 0.0  # components 2 and 3 do nothing: never attributed, never active
+    before = {n: model.comp(n).weight().clone() for n in model.module_names}
+    x = torch.randn(256, 3, generator=torch.Generator().manual_seed(1))
+    s = model.importances(x, model.clean_pass(x)).lower["fc1"]
+    assert s[:, 2:].sum() == 0 and s[:, :2].sum(0).min() > 0
+    busiest = int(s.sum(0).argmax())
+    pairs = split_components(model, [x], SplitConfig(at=[0], min_ratio=1.01), None)
+    assert pairs == [(busiest, 3)]  # 2 holds the gathered dead components (here nothing) and is left alone
+    for n in model.module_names:
+        assert torch.allclose(model.comp(n).weight(), before[n], atol=1e-5)
+        assert model.comp(n).subcomponent(3).abs().max() > 0
+
+
 # ---- Schatten ------------------------------------------------------------------------------------------
 def _orthogonal_factors(comp, gen):
     """Give every component orthogonal read columns and orthogonal write rows (its factorisation is an SVD)."""
@@ -285,6 +368,25 @@ def test_trainer_anneals_topk_by_training_fraction(tmp_path, monkeypatch):
     run, _ = decompose(load_config(raw), tmp_path / "run", progress=False)
     assert active == pytest.approx([2.0 - 0.1 * i for i in range(10)], abs=1 / 64)  # int(k * 64) of 64 inputs
     assert run.model.frac == 1.0  # after training: the final top-k
+
+
+def test_trainer_splits_at_the_set_steps_and_checks_them(tmp_path):
+    from helpers import tiny_tms_config
+
+    from spd.run import decompose
+
+    raw = _apd_cfg()
+    tiny = tiny_tms_config()
+    raw["target"], raw["eval"] = tiny["target"], tiny["eval"]
+    raw["apd"]["split"] = {"at": [3, 6], "min_ratio": 1.01, "inputs": 100}
+    raw["train"].update(steps=8, batch_size=64, log_every=4, checkpoint_every=8)
+    decompose(load_config(raw), tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "split/pairs" in r] == [3, 6]
+    bad = copy.deepcopy(raw)
+    bad["apd"]["split"]["at"] = [8]
+    with pytest.raises(ConfigError, match=r"apd.split.at: steps \[8\]"):
+        load_config(bad)
 
 
 def test_apd_run_resumes_on_the_same_trajectory_and_compares_with_spd(tmp_path, capsys, monkeypatch):
