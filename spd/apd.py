@@ -222,20 +222,21 @@ def split_along_inputs(
     dst: int,
     acts: dict[str, Float[Tensor, "n d_in"]],
     opt: torch.optim.Optimizer | None = None,
-) -> bool:
+) -> Tensor | None:
     """Split component src between itself and dst along the inputs it is active on (`acts`: every decomposed
     module's inputs there): the inputs fall into two clusters (2-means on all modules' inputs, each scaled to
     unit rms); in every matrix src keeps its read directions projected on the mean input m of one cluster, dst
     gets the rest (P = Pi P + (1 - Pi) P with Pi = m m^T, in x @ P orientation; dst's own content is dropped, so
     the sum of components is unchanged where dst was empty, as gathered dead components are); dst takes the
-    optimizer's moments of src. Returns False (nothing done) when the inputs do not split into two clusters."""
+    optimizer's moments of src. Returns which inputs src keeps (the cluster), or None (nothing done) when the
+    inputs do not split into two clusters."""
     names = [n for n, comp in model.components.items() if isinstance(comp.V, nn.Parameter)]
     z = torch.cat([acts[n].flatten(1) / acts[n].pow(2).mean().sqrt().clamp_min(1e-12) for n in names], dim=-1)
     if z.shape[0] < 2:
-        return False
+        return None
     labels = two_means(z)
     if labels.all() or not labels.any():
-        return False
+        return None
     for n in names:
         comp = model.components[n]
         r = comp.rank
@@ -251,7 +252,7 @@ def split_along_inputs(
             for moment in (opt.state.get(param, {}) if opt is not None else {}).values():
                 if isinstance(moment, Tensor) and moment.shape == param.shape:
                     moment[idx(d)] = moment[idx(s)]
-    return True
+    return labels
 
 
 @torch.no_grad()
@@ -300,8 +301,11 @@ def split_components(
         skip = (dead[0],)
     done = []
     for c, d in choose_splits(freq, cfg.min_ratio, skip):
-        on = active[:, c] > 0  # the inputs c is active on now (after earlier splits: what is left of them)
-        if split_along_inputs(model, c, d, {n: a[on] for n, a in acts.items()}, opt):
+        on = (active[:, c] > 0).nonzero().flatten()  # c's inputs (after an earlier split of c: the ones it kept)
+        kept = split_along_inputs(model, c, d, {n: a[on] for n, a in acts.items()}, opt)
+        if kept is not None:
+            active[on[~kept], c] = 0.0
+            active[on[~kept], d] = 1.0
             done.append((c, d))
     return done
 

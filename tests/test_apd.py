@@ -211,13 +211,14 @@ def test_split_along_inputs_separates_two_features_and_keeps_the_sum(two_layer):
     before = {n: model.comp(n).weight().clone() for n in model.module_names}
     x = torch.cat([torch.eye(3)[:1].repeat(4, 1) * torch.arange(1, 5)[:, None], torch.eye(3)[1:2].repeat(3, 1)])
     acts = model.clean_pass(x).acts
-    assert split_along_inputs(model, 0, 2, acts, opt)
+    kept = split_along_inputs(model, 0, 2, acts, opt)
+    assert kept is not None and kept[:4].unique().numel() == kept[4:].unique().numel() == 1 and kept[0] != kept[4]
     for n in model.module_names:
         assert torch.allclose(model.comp(n).weight(), before[n], atol=1e-6)  # the sum is unchanged
     reads = sorted([v[:, 0].tolist(), v[:, 2].tolist()])
     assert reads == [pytest.approx([0.0, 2.0, 0.0], abs=1e-6), pytest.approx([1.0, 0.0, 0.0], abs=1e-6)]
     assert opt.state[v]["exp_avg"][:, 2].eq(7.0).all()
-    assert not split_along_inputs(model, 0, 2, {n: a[:1] for n, a in acts.items()})  # one input: no split
+    assert split_along_inputs(model, 0, 2, {n: a[:1] for n, a in acts.items()}) is None  # one input: no split
 
 
 def test_split_components_fills_dead_components_from_the_busiest(two_layer):
@@ -237,6 +238,26 @@ def test_split_components_fills_dead_components_from_the_busiest(two_layer):
     for n in model.module_names:
         assert torch.allclose(model.comp(n).weight(), before[n], atol=1e-5)
         assert model.comp(n).subcomponent(3).abs().max() > 0
+
+
+def test_split_components_splits_a_three_feature_component_twice_in_one_step(two_layer, monkeypatch):
+    import spd.apd as apd_mod
+
+    model = apd_model(two_layer, rank=1, C=4)
+    v = model.comp("fc1").V
+    with torch.no_grad():
+        v[:, 0] = 1.0  # component 0 reads features 0, 1 and 2
+        v[:, 2:] = 0.0
+    x = torch.eye(3).repeat_interleave(10, 0)  # 10 inputs with each feature alone
+    active = torch.zeros(30, 4)
+    active[:, 0] = 1.0  # component 0 on every input (all three features)
+    active[:10, 1] = 1.0  # component 1 alive on a third of them; 2 and 3 dead
+    acts = {"fc1": x, "fc2": torch.ones(30, 4)}
+    monkeypatch.setattr(apd_mod, "activity", lambda model, batches: (active.clone(), acts))
+    pairs = split_components(model, [x], SplitConfig(at=[0], min_ratio=1.4, gather=False), None)
+    assert pairs == [(0, 2), (0, 3)]
+    reads = sorted(tuple(round(t, 5) for t in v[:, c].tolist()) for c in (0, 2, 3))
+    assert reads == [(0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0)]  # one feature each
 
 
 # ---- Schatten ------------------------------------------------------------------------------------------
