@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from spd.base_config import BaseConfig
+from spd.losses import annealed_p
 from spd.model import CausalImportances, CleanPass, ComponentModel, ModuleSpec, output_tensor
 
 Attribution = Literal["gradient", "ablation", "activation"]
@@ -132,12 +133,7 @@ class APDConfig(BaseConfig):
 
     def topk_at(self, frac: float) -> float:
         """Active components per input at training fraction frac (topk, annealed linearly to topk_final)."""
-        if self.topk_final is None or frac <= self.topk_anneal_start:
-            return self.topk
-        if frac >= self.topk_anneal_end:
-            return self.topk_final
-        t = (frac - self.topk_anneal_start) / (self.topk_anneal_end - self.topk_anneal_start)
-        k = self.topk + (self.topk_final - self.topk) * t
+        k = annealed_p(self.topk, self.topk_final, self.topk_anneal_start, self.topk_anneal_end, frac)
         return float(round(k)) if self.topk_mode == "per_example" else k
 
 
@@ -462,7 +458,6 @@ class APDModel(ComponentModel):
         self.C = Cs.pop()
         self.apd = cfg
         self.output_loss = output_loss
-        self.frac = 1.0  # training fraction, set by the trainer each step; outside training the final top-k
         self.after_optimizer_step()  # start on the constraint set (unit-norm read directions) when there is one
 
     def attributions(self, x: Any, clean: CleanPass | None = None) -> Float[Tensor, "... C"]:

@@ -156,7 +156,8 @@ def annealed_width(width: float, final: float | None, start_frac: float, end_fra
 
 
 def annealed_p(p: float, p_final: float | None, start_frac: float, end_frac: float, frac: float) -> float:
-    """Linear anneal of the Lp exponent from p to p_final between start_frac and end_frac of training."""
+    """Linear anneal from p to p_final between start_frac and end_frac of training (the Lp exponent; APD's
+    top-k)."""
     if p_final is None or frac <= start_frac:
         return p
     if frac >= end_frac:

@@ -25,7 +25,7 @@ from spd.task import BatchSampler, to_device
 
 MASK_SEED_OFFSET = 7919
 MERGE_SEED_OFFSET = 104_729  # a merge's inputs come from their own generator: the training data stay the same
-SPLIT_SEED_OFFSET = 130_363  # likewise an APD split's inputs and noise
+SPLIT_SEED_OFFSET = 130_363  # likewise an APD split's inputs
 
 
 def _short(key: str) -> str:
@@ -269,12 +269,11 @@ def train(
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not tc.cuda_graph) if tc.bf16 else nullcontext()
     )
-    now = {"frac": 0.0}
 
     def body(x: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Forward of every loss, backward, optimizer step (what train.cuda_graph captures)."""
         with autocast:
-            loss, terms, ci_lower = train_step(model, x, cfg, mask_gen, now["frac"], adversaries)
+            loss, terms, ci_lower = train_step(model, x, cfg, mask_gen, model.frac, adversaries)
         loss.backward()
         if distributed.active():
             shared = [p for g in opt.param_groups for p in g["params"]]
@@ -310,7 +309,7 @@ def train(
         lr = lr_at(step, tc.steps, tc.lr)
         graphs.set_lr(opt, lr)
         x = to_device(sample_batch(tc.batch_size, data_gen), device)
-        now["frac"] = model.frac = step / tc.steps
+        model.frac = step / tc.steps
         if graphed is not None:
             loss, terms, ci_lower = graphed(x)
         else:
